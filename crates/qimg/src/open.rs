@@ -1,0 +1,1 @@
+//! Opening images by name: format probing and backing chains.

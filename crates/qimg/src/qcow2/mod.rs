@@ -1,0 +1,1 @@
+//! The qcow2 format engine.
