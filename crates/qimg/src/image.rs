@@ -95,6 +95,8 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn backing(&self) -> Option<&Arc<dyn Image>> {
         None
     }
+    /// For downcasting to the concrete format (e.g. to print qcow2-specific `info`).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// Walks `[offset, offset+len)` of one layer and returns its extents, merged where

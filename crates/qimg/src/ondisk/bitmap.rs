@@ -1,1 +1,73 @@
-//! TODO
+//! Persistent dirty bitmap directory entries (spec: "Bitmaps extension").
+
+use super::{be16, be32, be64};
+use crate::error::{Error, Result};
+
+/// Directory entry flag: the bitmap was not saved cleanly.
+pub const FLAG_IN_USE: u32 = 1;
+/// Directory entry flag: the bitmap is enabled (tracks writes).
+pub const FLAG_AUTO: u32 = 2;
+/// Flags QEMU accepts.
+pub const FLAGS_KNOWN: u32 = FLAG_IN_USE | FLAG_AUTO;
+
+/// One bitmap directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapEntry {
+    /// Offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries in the bitmap table.
+    pub table_size: u32,
+    /// Flags.
+    pub flags: u32,
+    /// Bitmap type (1 = dirty tracking).
+    pub typ: u8,
+    /// log2 of the granularity in bytes.
+    pub granularity_bits: u8,
+    /// Extra data, kept verbatim.
+    pub extra: Vec<u8>,
+    /// Name.
+    pub name: String,
+}
+
+/// Parses a bitmap directory of `n` entries occupying exactly `buf`.
+pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
+    let broken = || Error::invalid("Broken bitmap directory");
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off < buf.len() {
+        if buf.len() - off < 24 {
+            return Err(broken());
+        }
+        let b = &buf[off..];
+        let name_len = be16(b, 18) as usize;
+        let extra_len = be32(b, 20) as usize;
+        let total = 24usize
+            .checked_add(extra_len)
+            .and_then(|v| v.checked_add(name_len))
+            .ok_or_else(broken)?;
+        if total > b.len() {
+            return Err(broken());
+        }
+        out.push(BitmapEntry {
+            table_offset: be64(b, 0),
+            table_size: be32(b, 8),
+            flags: be32(b, 12),
+            typ: b[16],
+            granularity_bits: b[17],
+            extra: b[24..24 + extra_len].to_vec(),
+            name: String::from_utf8_lossy(&b[24 + extra_len..total]).into_owned(),
+        });
+        if out.len() as u64 > n as u64 {
+            return Err(Error::invalid(
+                "More bitmaps found than specified in header extension",
+            ));
+        }
+        off += total.div_ceil(8) * 8;
+    }
+    if out.len() as u64 != n as u64 {
+        return Err(Error::invalid(
+            "Less bitmaps found than specified in header extension",
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,1 @@
+//! Streaming writer used by convert.
