@@ -9,11 +9,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// A cached slice and the clock tick of its last use.
+type Slot = (Arc<Vec<u64>>, u64);
+
 #[derive(Debug)]
 pub(crate) struct SliceCache {
     slice_bytes: usize,
     capacity: usize,
-    map: Mutex<HashMap<u64, (Arc<Vec<u64>>, u64)>>,
+    map: Mutex<HashMap<u64, Slot>>,
     clock: AtomicU64,
 }
 
