@@ -148,22 +148,9 @@ pub struct ChainExtent {
 pub fn chain_status(top: &dyn Image, offset: u64, len: u64) -> Result<ChainExtent> {
     let mut layer: &dyn Image = top;
     let mut depth = 0u32;
-    let mut len = len;
+    let mut len = len.min(top.len().saturating_sub(offset)).max(1);
     loop {
-        if offset >= layer.len() {
-            // Past the end of a shorter backing file: reads as zeros, allocated nowhere.
-            return Ok(ChainExtent {
-                start: offset,
-                len,
-                depth,
-                present: false,
-                zero: true,
-                data: false,
-                compressed: false,
-                offset: None,
-            });
-        }
-        let e = layer.block_status(offset, len.min(layer.len() - offset))?;
+        let e = layer.block_status(offset, len)?;
         len = e.len;
         if e.status.allocated {
             return Ok(ChainExtent {
@@ -178,15 +165,18 @@ pub fn chain_status(top: &dyn Image, offset: u64, len: u64) -> Result<ChainExten
             });
         }
         match layer.backing() {
-            Some(b) => {
+            // A backing file shorter than its overlay reads as zeros past its end; QEMU
+            // reports that range at the depth of the overlay.
+            Some(b) if offset < b.len() => {
+                len = len.min(b.len() - offset);
                 layer = b.as_ref();
                 depth += 1;
             }
-            None => {
+            _ => {
                 return Ok(ChainExtent {
                     start: offset,
                     len,
-                    depth: depth + 1,
+                    depth,
                     present: false,
                     zero: true,
                     data: false,
@@ -196,4 +186,35 @@ pub fn chain_status(top: &dyn Image, offset: u64, len: u64) -> Result<ChainExten
             }
         }
     }
+}
+
+/// Extents of the whole chain over `[offset, offset+len)`, merged as `qemu-img map`
+/// merges them (same flags and depth, contiguous host offsets).
+pub fn chain_extents(top: &dyn Image, offset: u64, len: u64) -> Result<Vec<ChainExtent>> {
+    let mut out: Vec<ChainExtent> = Vec::new();
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let e = chain_status(top, pos, end - pos)?;
+        pos += e.len;
+        if let Some(last) = out.last_mut() {
+            let contiguous = match (last.offset, e.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + last.len == b,
+                _ => false,
+            };
+            if contiguous
+                && last.depth == e.depth
+                && last.present == e.present
+                && last.zero == e.zero
+                && last.data == e.data
+                && last.compressed == e.compressed
+            {
+                last.len += e.len;
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
 }

@@ -1,1 +1,4 @@
-//! Format-agnostic operations.
+//! Format-agnostic operations, written against the [`crate::image::Image`] trait.
+
+pub mod compare;
+pub mod convert;
