@@ -5,6 +5,7 @@
 //! (format-agnostic operations such as convert and compare). See `../shared/DESIGN.md`.
 #![warn(missing_docs)]
 
+pub mod buf;
 pub mod error;
 pub mod image;
 pub mod ondisk;

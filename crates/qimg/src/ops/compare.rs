@@ -52,8 +52,8 @@ pub fn compare(a: &dyn Image, b: &dyn Image, strict: bool) -> Result<Comparison>
         });
     }
     let common = la.min(lb);
-    let mut ba = vec![0u8; CHUNK as usize];
-    let mut bb = vec![0u8; CHUNK as usize];
+    let mut ba = crate::buf::AlignedBuf::new(CHUNK as usize);
+    let mut bb = crate::buf::AlignedBuf::new(CHUNK as usize);
     let mut pos = 0u64;
     while pos < common {
         let n = CHUNK.min(common - pos);

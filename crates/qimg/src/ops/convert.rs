@@ -41,6 +41,9 @@ pub struct ConvertOptions<'a> {
     pub compress: bool,
     /// Worker threads.
     pub threads: usize,
+    /// Flush the target at the end (qemu-img's `-t` modes other than `unsafe`, its
+    /// default for convert).
+    pub flush: bool,
     /// Called with (bytes done, bytes total) as chunks complete.
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
@@ -52,6 +55,7 @@ impl Default for ConvertOptions<'_> {
             target_is_zero: true,
             compress: false,
             threads: 4,
+            flush: false,
             progress: None,
         }
     }
@@ -155,7 +159,7 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                let mut buf = vec![0u8; CHUNK as usize];
+                let mut buf = crate::buf::AlignedBuf::new(CHUNK as usize);
                 loop {
                     if failed.load(Ordering::Relaxed) {
                         return;
@@ -184,8 +188,9 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
         return Err(e);
     }
     match target {
-        Target::Image(img) => img.flush(),
-        Target::Qcow2(w) => w.finish(),
+        Target::Image(img) if opts.flush => img.flush(),
+        Target::Image(_) => Ok(()),
+        Target::Qcow2(w) => w.finish(opts.flush),
     }
 }
 
