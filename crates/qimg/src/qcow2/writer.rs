@@ -22,6 +22,9 @@ use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+/// Clusters reserved at once for packing compressed streams.
+const COMPRESSED_REGION_CLUSTERS: u64 = 16;
+
 /// Appends data to a qcow2 image opened for conversion.
 pub struct Qcow2Writer {
     file: Arc<dyn Storage>,
@@ -227,15 +230,19 @@ impl Qcow2Writer {
         let off = {
             let mut st = self.state.lock().unwrap();
             let (mut pos, mut end) = st.compressed_pos.unwrap_or((0, 0));
-            if pos == 0 || pos + c.len() as u64 > end {
-                // Streams may straddle into the next cluster only when that cluster is the
-                // next one allocated; otherwise start a fresh cluster.
-                if pos == 0 || end != st.next_free {
+            let len = c.len() as u64;
+            if pos == 0 || pos + len > end {
+                if pos != 0 && end == st.next_free {
+                    // Straddle into the clusters right after the current region.
+                    while pos + len > end {
+                        end += cs;
+                    }
+                } else {
+                    // Other threads allocated behind the region: open a new one. Regions
+                    // span several clusters so that parallel writers rarely strand a
+                    // region's tail; unused tail clusters stay unreferenced and unwritten.
                     pos = st.next_free;
-                    end = pos;
-                }
-                while pos + c.len() as u64 > end {
-                    end += cs;
+                    end = pos + COMPRESSED_REGION_CLUSTERS * cs;
                 }
                 st.next_free = end;
             }
