@@ -4,9 +4,11 @@
 //! reads are planned per run of clusters ([`Mapping`]) and the data I/O happens outside any
 //! lock, so many threads can read one image at once.
 
+mod alloc;
 mod cache;
 pub mod compress;
 pub mod create;
+mod write;
 pub mod writer;
 
 use crate::error::{Error, Result};
@@ -18,7 +20,8 @@ use crate::ondisk::snapshot::{self, Snapshot};
 use crate::ondisk::{be64, MAX_HOST_OFFSET};
 use crate::storage::Storage;
 use cache::SliceCache;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use write::WriteState;
 
 /// Largest active L1 table QEMU accepts (32 MiB).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
@@ -62,8 +65,12 @@ pub struct Qcow2 {
     l2_bits: u32,
     /// Subcluster bits (cluster_bits - 5 with extended L2, else cluster_bits).
     unit_bits: u32,
-    l1: Vec<u64>,
+    l1: RwLock<Vec<u64>>,
     l2_cache: SliceCache,
+    ws: Mutex<Option<WriteState>>,
+    ws_cond: Condvar,
+    flush_lock: Mutex<()>,
+    io_gate: RwLock<()>,
     backing: Option<Arc<dyn Image>>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
@@ -207,6 +214,28 @@ impl Qcow2 {
             Err(_) => Vec::new(),
         };
 
+        let ws = if opts.writable && !opts.check {
+            if h.incompatible_features & header::incompat::DIRTY != 0 {
+                return Err(Error::unsupported(
+                    "Image is dirty (lazy refcounts); repair it with 'qemu-img check -r all' first",
+                ));
+            }
+            Some(WriteState {
+                refs: alloc::Refcounts::load(
+                    file.as_ref(),
+                    cluster_bits,
+                    h.refcount_order,
+                    h.refcount_table_offset,
+                    h.refcount_table_clusters,
+                )?,
+                l1_dirty: false,
+                in_flight: Default::default(),
+                marked_dirty: false,
+                lazy: h.compatible_features & header::compat::LAZY_REFCOUNTS != 0,
+            })
+        } else {
+            None
+        };
         let slice_bytes = 4096u64.min(cs).max(512);
         let l2_cache = SliceCache::new(slice_bytes as usize, DEFAULT_L2_CACHE_BYTES as usize);
         let unit_bits = if h.extended_l2() {
@@ -220,8 +249,12 @@ impl Qcow2 {
             cluster_bits,
             l2_bits,
             unit_bits,
-            l1,
+            l1: RwLock::new(l1),
             l2_cache,
+            ws: Mutex::new(ws),
+            ws_cond: Condvar::new(),
+            flush_lock: Mutex::new(()),
+            io_gate: RwLock::new(()),
             backing: None,
             snapshots,
             bitmaps,
@@ -329,8 +362,8 @@ impl Qcow2 {
     }
 
     /// The active L1 table.
-    pub fn l1(&self) -> &[u64] {
-        &self.l1
+    pub fn l1(&self) -> Vec<u64> {
+        self.l1.read().unwrap().clone()
     }
 
     /// Cluster size in bytes.
@@ -377,7 +410,7 @@ impl Qcow2 {
     /// The L2 entry (and subcluster bitmap) for the guest cluster containing `offset`.
     pub fn l2_entry(&self, offset: u64) -> Result<(u64, u64)> {
         let l1_index = offset >> (self.cluster_bits + self.l2_bits);
-        let Some(&l1e) = self.l1.get(l1_index as usize) else {
+        let Some(l1e) = self.l1.read().unwrap().get(l1_index as usize).copied() else {
             return Ok((0, 0));
         };
         let l2_offset = l2::l1_offset(l1e);
@@ -538,6 +571,13 @@ impl Qcow2 {
     }
 }
 
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; callers who care call close() first.
+        let _ = self.flush_metadata(true);
+    }
+}
+
 impl Image for Qcow2 {
     fn format_name(&self) -> &'static str {
         "qcow2"
@@ -570,29 +610,20 @@ impl Image for Qcow2 {
         Ok(())
     }
 
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::unsupported(
-            "qcow2 guest writes are not implemented yet",
-        ))
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.do_write(buf, offset)
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<()> {
-        Err(Error::unsupported(
-            "qcow2 guest writes are not implemented yet",
-        ))
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.do_write_zeroes(offset, len, may_unmap)
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(Error::unsupported(
-            "qcow2 guest writes are not implemented yet",
-        ))
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.do_discard(offset, len)
     }
 
     fn flush(&self) -> Result<()> {
-        if let Some(d) = &self.data_file {
-            d.flush()?;
-        }
-        self.file.flush()
+        self.flush_metadata(false)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
