@@ -9,7 +9,7 @@ use crate::image::Image;
 use crate::ondisk::header::MAGIC;
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, LockMode, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,6 +29,10 @@ pub struct OpenOptions {
     pub no_data_file: bool,
     /// Open for `check` (tolerate broken metadata).
     pub check: bool,
+    /// Read without taking locks that would stop a writer (`-U`).
+    pub force_share: bool,
+    /// Take no image locks at all.
+    pub no_lock: bool,
 }
 
 /// Guesses the format of a file from its first bytes.
@@ -56,6 +60,22 @@ pub fn resolve_relative(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Opens a file and takes the locks its use calls for.
+pub fn open_locked(path: &Path, opts: &OpenOptions) -> Result<FileStorage> {
+    let f = FileStorage::open(path, opts.writable)?;
+    let mode = if opts.no_lock {
+        LockMode::None
+    } else if opts.writable {
+        LockMode::ReadWrite
+    } else if opts.force_share {
+        LockMode::ForceShare
+    } else {
+        LockMode::ReadOnly
+    };
+    f.lock(mode, &path.display().to_string())?;
+    Ok(f)
+}
+
 /// Opens an image and, unless told otherwise, its whole backing chain.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
     let mut seen = Vec::new();
@@ -74,7 +94,7 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
         return Err(Error::invalid("Backing chain is too deep"));
     }
     seen.push(canon);
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, opts.writable)?);
+    let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
     let format = match &opts.format {
         Some(f) => f.clone(),
         None => probe(storage.as_ref())?.to_string(),
@@ -94,16 +114,16 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
                     .as_deref()
                     .ok_or_else(|| Error::invalid("'data-file' is required for this image"))?;
                 let dpath = resolve_relative(path, name);
-                img.set_data_file(Arc::new(FileStorage::open(&dpath, opts.writable)?));
+                img.set_data_file(Arc::new(open_locked(&dpath, opts)?));
             }
             if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
                 let bpath = resolve_relative(path, name);
                 let bopts = OpenOptions {
                     format: h.backing_format.clone(),
                     writable: false,
-                    no_backing: false,
-                    no_data_file: false,
-                    check: false,
+                    force_share: opts.force_share,
+                    no_lock: opts.no_lock,
+                    ..Default::default()
                 };
                 let backing = open_inner(&bpath, &bopts, seen)
                     .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;

@@ -48,6 +48,39 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// How an opener takes QEMU's image locks (see `shared/qcow2-reference.md` §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Reads and writes; refuses to share write and resize.
+    ReadWrite,
+    /// Reads; refuses to share write and resize (so no writer can start).
+    ReadOnly,
+    /// Reads only, sharing everything (`-U` / force-share).
+    ForceShare,
+    /// No locks at all.
+    None,
+}
+
+/// QEMU's permission bits, in bit order, by the names its messages use.
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+
+fn ofd_lock(fd: i32, cmd: i32, typ: i32, byte: i64) -> std::io::Result<libc::flock> {
+    // SAFETY: flock is plain data; zeroed is a valid value before we fill it in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: fcntl with an OFD lock command and a valid flock pointer.
+    let r = unsafe { libc::fcntl(fd, cmd, &mut fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl)
+}
+
 /// A real file.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -79,6 +112,69 @@ impl FileStorage {
             file,
             writable: true,
         })
+    }
+
+    /// Takes QEMU-compatible OFD byte-range locks so that QEMU and qimg never write an
+    /// image the other has open. `name` is the file name for the error message.
+    pub fn lock(&self, mode: LockMode, name: &str) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (perms, shared): (u32, u32) = match mode {
+            LockMode::None => return Ok(()),
+            LockMode::ReadWrite => (0b1011, 0b0101),
+            LockMode::ReadOnly => (0b0001, 0b0101),
+            LockMode::ForceShare => (0b0001, 0b1111),
+        };
+        let fd = self.file.as_raw_fd();
+        for bit in 0..4 {
+            if perms & (1 << bit) != 0 {
+                ofd_lock(fd, libc::F_OFD_SETLK, libc::F_RDLCK, PERM_BASE + bit)
+                    .map_err(|e| Error::io("Failed to lock byte", e))?;
+            }
+            if shared & (1 << bit) == 0 {
+                ofd_lock(fd, libc::F_OFD_SETLK, libc::F_RDLCK, SHARED_BASE + bit)
+                    .map_err(|e| Error::io("Failed to lock byte", e))?;
+            }
+        }
+        if mode == LockMode::ForceShare {
+            return Ok(());
+        }
+        let busy = |byte: i64| -> Result<bool> {
+            let fl = ofd_lock(fd, libc::F_OFD_GETLK, libc::F_WRLCK, byte)
+                .map_err(|e| Error::io("Failed to test lock byte", e))?;
+            Ok(fl.l_type != libc::F_UNLCK as i16)
+        };
+        let hint = format!("\nIs another process using the image [{name}]?");
+        for bit in 0..4 {
+            if perms & (1 << bit) != 0 && busy(SHARED_BASE + bit)? {
+                self.unlock();
+                return Err(Error::Permission(format!(
+                    "Failed to get \"{}\" lock{hint}",
+                    PERM_NAMES[bit as usize]
+                )));
+            }
+        }
+        for bit in 0..4 {
+            if shared & (1 << bit) == 0 && busy(PERM_BASE + bit)? {
+                self.unlock();
+                return Err(Error::Permission(format!(
+                    "Failed to get shared \"{}\" lock{hint}",
+                    PERM_NAMES[bit as usize]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn unlock(&self) {
+        use std::os::fd::AsRawFd;
+        for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
+            let _ = ofd_lock(
+                self.file.as_raw_fd(),
+                libc::F_OFD_SETLK,
+                libc::F_UNLCK,
+                byte,
+            );
+        }
     }
 
     /// The underlying file.
