@@ -7,6 +7,7 @@
 
 pub mod buf;
 pub mod error;
+pub mod fault;
 pub mod image;
 pub mod ondisk;
 pub mod open;
