@@ -95,7 +95,7 @@ fn help(ctx: &Ctx) -> String {
     let p = &ctx.prog;
     let mut s = version(ctx);
     s.push_str(&format!(
-        "QEMU disk image utility.  Usage:\n\n  {p} [standard options] COMMAND [--help | command options]\n\n\
+        "Disk image utility compatible with qemu-img.  Usage:\n\n  {p} [standard options] COMMAND [--help | command options]\n\n\
          Standard options:\n  -h, --help\n     display this help and exit\n  -V, --version\n     \
          display version info and exit\n  -T,--trace TRACE\n     specify tracing options:\n        \
          [[enable=]<pattern>][,events=<file>][,file=<file>]\n\n\

@@ -291,7 +291,7 @@ impl OptionList {
             return false;
         }
         let trailing = arg.len() - arg.trim_end_matches(',').len();
-        trailing % 2 == 0
+        trailing.is_multiple_of(2)
     }
 
     /// Adds one `-o` argument, joining it to earlier ones with a comma. The error is the

@@ -240,7 +240,9 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<ConvertOpts> {
                 }
             },
             Key::Short('S') => match cvtnum("buffer size for sparse output", &arg) {
-                Ok(v) if v % 512 == 0 && v <= MAX_SPARSE_SIZE => o.sparse_size = Some(v as u64),
+                Ok(v) if v.rem_euclid(512) == 0 && v <= MAX_SPARSE_SIZE => {
+                    o.sparse_size = Some(v as u64)
+                }
                 Ok(_) => {
                     ctx.error(&format!(
                         "Invalid buffer size for sparse output specified. Valid sizes are \

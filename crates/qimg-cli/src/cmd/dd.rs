@@ -118,7 +118,11 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<DdOpts> {
                 output = Some(v.to_string());
                 Ok(())
             }
-            _ => Err(format!("unrecognized operand {word}")),
+            // qemu-img names only the part before '='.
+            _ => Err(format!(
+                "unrecognized operand {}",
+                word.split_once('=').map_or(word.as_str(), |(k, _)| k)
+            )),
         };
         if let Err(m) = parsed {
             ctx.error(&m);
