@@ -1,0 +1,133 @@
+//! `qemu-img map`: dump the allocation map of an image.
+use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::ctx::{run_getopt, Ctx, Parsed};
+use crate::opts::{cvtnum, OutputFormat};
+
+const CMD: &str = "map";
+
+/// `qemu-img map --help` text (`qemu-img` is replaced by the program name).
+pub const HELP: &str = r#"Usage:
+Dump image metadata.  Usage:
+
+  qemu-img map [-f FMT | --image-opts] [--object OBJDEF] [--output human|json]
+        [--start-offset OFFSET] [--max-length LENGTH] [-U] FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -f, --format FMT
+     specify FILENAME image format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+     instead of a file name (incompatible with --format)
+  --start-offset OFFSET
+  --max-length LENGTH
+  --output human|json
+     specify output format name (default human)
+  -U, --force-share
+     open image in shared mode for concurrent access
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  FILENAME
+     image file name (or specification with --image-opts)
+
+"#;
+
+/// Short options, in getopt syntax.
+const SHORT: &str = "hf:l:s:U";
+const IMAGE_OPTS: u16 = 1;
+const OUTPUT: u16 = 2;
+const OBJECT: u16 = 3;
+
+/// Long options, in the table order that decides how ambiguities are listed.
+const LONG: &[LongOpt] = &[
+    LongOpt::new("help", HasArg::No, Key::Short('h')),
+    LongOpt::new("format", HasArg::Required, Key::Short('f')),
+    LongOpt::new("force-share", HasArg::No, Key::Short('U')),
+    LongOpt::new("image-opts", HasArg::No, Key::Long(IMAGE_OPTS)),
+    LongOpt::new("max-length", HasArg::Required, Key::Short('l')),
+    LongOpt::new("start-offset", HasArg::Required, Key::Short('s')),
+    LongOpt::new("output", HasArg::Required, Key::Long(OUTPUT)),
+    LongOpt::new("object", HasArg::Required, Key::Long(OBJECT)),
+];
+
+/// Everything `qemu-img map` accepts on its command line.
+#[derive(Clone, Debug, Default)]
+pub struct MapOpts {
+    /// `-f`: image format.
+    pub format: Option<String>,
+    /// `--image-opts`.
+    pub image_opts: bool,
+    /// `--start-offset` (`-s`).
+    pub start_offset: Option<u64>,
+    /// `--max-length` (`-l`).
+    pub max_length: Option<u64>,
+    /// `--output`.
+    pub output: OutputFormat,
+    /// `-U`.
+    pub force_share: bool,
+    /// `--object` definitions.
+    pub objects: Vec<String>,
+    /// The image.
+    pub filename: String,
+}
+
+/// Parses the arguments after `map`; usage errors are reported here, exactly as
+/// qemu-img words them.
+pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MapOpts> {
+    let mut o = MapOpts::default();
+    let mut g = ctx.getopt(CMD, args, SHORT, LONG);
+    let res = run_getopt(ctx, CMD, &mut g, |item| {
+        let Item::Opt(key, arg) = item else {
+            return Ok(());
+        };
+        let arg = arg.unwrap_or_default();
+        match key {
+            Key::Short('h') => {
+                ctx.print_help(HELP);
+                return Err(0);
+            }
+            Key::Short('f') => o.format = Some(arg),
+            Key::Short('U') => o.force_share = true,
+            Key::Long(IMAGE_OPTS) => o.image_opts = true,
+            Key::Short('s') => match cvtnum("start offset", &arg) {
+                Ok(v) => o.start_offset = Some(v as u64),
+                Err(m) => {
+                    ctx.error(&m);
+                    return Err(1);
+                }
+            },
+            Key::Short('l') => match cvtnum("max length", &arg) {
+                Ok(v) => o.max_length = Some(v as u64),
+                Err(m) => {
+                    ctx.error(&m);
+                    return Err(1);
+                }
+            },
+            Key::Long(OUTPUT) => match OutputFormat::parse(&arg) {
+                Ok(f) => o.output = f,
+                Err(m) => return Err(ctx.usage_error(CMD, &m)),
+            },
+            Key::Long(OBJECT) => o.objects.push(arg),
+            _ => {}
+        }
+        Ok(())
+    });
+    if let Err(code) = res {
+        return Parsed::Exit(code);
+    }
+    let ops = g.operands();
+    if ops.len() != 1 {
+        return Parsed::Exit(ctx.usage_error(CMD, "Expecting one image file name"));
+    }
+    o.filename = ops[0].clone();
+    Parsed::Run(o)
+}
+
+/// Runs `map`; returns the process exit code.
+pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    match parse(ctx, args) {
+        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Exit(code) => code,
+    }
+}

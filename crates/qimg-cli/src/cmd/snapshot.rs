@@ -1,0 +1,167 @@
+//! `qemu-img snapshot`: list, create, apply or delete internal snapshots.
+//!
+//! qemu-img 10.0.2 (Debian) declares `--apply`, `--create` and `--delete` without an
+//! argument and then crashes (SIGSEGV) using the missing one; here they take the snapshot
+//! name as their `--help` text says.
+use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::ctx::{run_getopt, Ctx, Parsed};
+
+const CMD: &str = "snapshot";
+
+/// `qemu-img snapshot --help` text (`qemu-img` is replaced by the program name).
+pub const HELP: &str = r#"Usage:
+List or manipulate snapshots within image.  Usage:
+
+  qemu-img snapshot [-f FMT | --image-opts] [-l | -a|-c|-d SNAPSHOT]
+        [-U] [--object OBJDEF] FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+      quiet operations
+  -f, --format FMT
+      specify FILENAME format explicitly
+  --image-opts
+      indicates that FILENAME is a complete image specification
+   instead of a file name (incompatible with --format)
+  -U, --force-share
+      open image in shared mode for concurrent access
+  --object OBJDEF
+      QEMU user-creatable object (eg encryption key)
+  Operation, one of:
+    -l, --list
+       list snapshots in FILENAME (the default)
+    -c, --create SNAPSHOT
+       create named snapshot
+    -a, --apply SNAPSHOT
+       apply named snapshot to the base
+    -d, --delete SNAPSHOT
+       delete named snapshot
+  FILENAME - image file name (or specification with --image-opts)
+
+"#;
+
+/// Short options, in getopt syntax.
+const SHORT: &str = "a:c:d:f:hlqU";
+const IMAGE_OPTS: u16 = 1;
+const OBJECT: u16 = 2;
+
+/// Long options, in the table order that decides how ambiguities are listed.
+const LONG: &[LongOpt] = &[
+    LongOpt::new("help", HasArg::No, Key::Short('h')),
+    LongOpt::new("apply", HasArg::Required, Key::Short('a')),
+    LongOpt::new("create", HasArg::Required, Key::Short('c')),
+    LongOpt::new("delete", HasArg::Required, Key::Short('d')),
+    LongOpt::new("list", HasArg::No, Key::Short('l')),
+    LongOpt::new("format", HasArg::Required, Key::Short('f')),
+    LongOpt::new("force-share", HasArg::No, Key::Short('U')),
+    LongOpt::new("image-opts", HasArg::No, Key::Long(IMAGE_OPTS)),
+    LongOpt::new("object", HasArg::Required, Key::Long(OBJECT)),
+    LongOpt::new("quiet", HasArg::No, Key::Short('q')),
+];
+
+/// The operation requested on the command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// `-l` (also the default): print the snapshot table.
+    #[default]
+    List,
+    /// `-a NAME`: revert the image to the snapshot (looked up by ID, then by name).
+    Apply(String),
+    /// `-c NAME`: create a snapshot.
+    Create(String),
+    /// `-d NAME`: delete the snapshot with this name.
+    Delete(String),
+}
+
+/// Everything `qemu-img snapshot` accepts on its command line.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotOpts {
+    /// What to do (listing when no action option is given).
+    pub action: SnapshotAction,
+    /// `-f`: image format.
+    pub format: Option<String>,
+    /// `--image-opts`.
+    pub image_opts: bool,
+    /// `-U`.
+    pub force_share: bool,
+    /// `-q`.
+    pub quiet: bool,
+    /// `--object` definitions.
+    pub objects: Vec<String>,
+    /// The image.
+    pub filename: String,
+}
+
+/// Parses the arguments after `snapshot`; usage errors are reported here, exactly as
+/// qemu-img words them.
+pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<SnapshotOpts> {
+    let mut o = SnapshotOpts::default();
+    let mut action_seen = false;
+    let mut g = ctx.getopt(CMD, args, SHORT, LONG);
+    let res = run_getopt(ctx, CMD, &mut g, |item| {
+        let Item::Opt(key, arg) = item else {
+            return Ok(());
+        };
+        let arg = arg.unwrap_or_default();
+        match key {
+            Key::Short('h') => {
+                ctx.print_help(HELP);
+                return Err(0);
+            }
+            Key::Short('a') => {
+                if action_seen {
+                    return Err(ctx.usage_error(CMD, "Cannot mix '-l', '-a', '-c', '-d'"));
+                }
+                action_seen = true;
+                o.action = SnapshotAction::Apply(arg);
+            }
+            Key::Short('c') => {
+                if action_seen {
+                    return Err(ctx.usage_error(CMD, "Cannot mix '-l', '-a', '-c', '-d'"));
+                }
+                action_seen = true;
+                o.action = SnapshotAction::Create(arg);
+            }
+            Key::Short('d') => {
+                if action_seen {
+                    return Err(ctx.usage_error(CMD, "Cannot mix '-l', '-a', '-c', '-d'"));
+                }
+                action_seen = true;
+                o.action = SnapshotAction::Delete(arg);
+            }
+            Key::Short('l') => {
+                if action_seen {
+                    return Err(ctx.usage_error(CMD, "Cannot mix '-l', '-a', '-c', '-d'"));
+                }
+                action_seen = true;
+                o.action = SnapshotAction::List;
+            }
+            Key::Short('f') => o.format = Some(arg),
+            Key::Short('U') => o.force_share = true,
+            Key::Long(IMAGE_OPTS) => o.image_opts = true,
+            Key::Long(OBJECT) => o.objects.push(arg),
+            Key::Short('q') => o.quiet = true,
+            _ => {}
+        }
+        Ok(())
+    });
+    if let Err(code) = res {
+        return Parsed::Exit(code);
+    }
+    let ops = g.operands();
+    if ops.len() != 1 {
+        return Parsed::Exit(ctx.usage_error(CMD, "Expecting one image file name"));
+    }
+    o.filename = ops[0].clone();
+    Parsed::Run(o)
+}
+
+/// Runs `snapshot`; returns the process exit code.
+pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
+    match parse(ctx, args) {
+        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Exit(code) => code,
+    }
+}
