@@ -13,7 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error from the storage below, with what was being done.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", strerror(source))]
     Io {
         /// What was being done, e.g. "Could not read L2 table".
         context: String,
@@ -22,7 +22,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A bare I/O error without more context.
-    #[error("{0}")]
+    #[error("{}", strerror(.0))]
     RawIo(#[from] io::Error),
     /// The image is malformed: a field has a value the format does not allow.
     #[error("{0}")]
@@ -76,5 +76,22 @@ impl Error {
             Error::Permission(_) => libc::EPERM,
             Error::NotFound(_) => libc::ENOENT,
         }
+    }
+}
+
+/// The C library's text for an I/O error (as QEMU prints it), without Rust's
+/// "(os error N)" suffix.
+pub fn strerror(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => {
+            // SAFETY: strerror returns a pointer to a static or thread-local C string.
+            let p = unsafe { libc::strerror(code) };
+            if p.is_null() {
+                return e.to_string();
+            }
+            // SAFETY: p is a valid NUL-terminated string.
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+        None => e.to_string(),
     }
 }

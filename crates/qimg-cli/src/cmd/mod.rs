@@ -4,6 +4,7 @@
 pub mod amend;
 pub mod bitmap;
 pub mod check;
+pub mod common;
 pub mod commit;
 pub mod compare;
 pub mod convert;

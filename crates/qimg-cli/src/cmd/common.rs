@@ -1,0 +1,56 @@
+//! Opening images the way qemu-img's commands do, with its error messages.
+
+use crate::ctx::Ctx;
+use qimg::image::Image;
+use qimg::open::{open_image, resolve_relative, OpenOptions};
+use qimg::qcow2::Qcow2;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Opens `filename`, reporting failure as `<prog>: Could not open '<file>': <why>`.
+pub fn open(ctx: &Ctx, filename: &str, opts: &OpenOptions) -> Result<Arc<dyn Image>, i32> {
+    open_image(Path::new(filename), opts).map_err(|e| {
+        ctx.error(&format!("Could not open '{filename}': {e}"));
+        1
+    })
+}
+
+/// The qcow2 engine behind an image, if it is one.
+pub fn as_qcow2(img: &dyn Image) -> Option<&Qcow2> {
+    img.as_any().downcast_ref::<Qcow2>()
+}
+
+/// File names of every layer of the chain, top first, as QEMU names them: the top as
+/// given, each backing file resolved against the directory of the image naming it.
+pub fn chain_filenames(top_name: &str, top: &dyn Image) -> Vec<String> {
+    let mut names = vec![top_name.to_string()];
+    let mut layer = top;
+    let mut name = PathBuf::from(top_name);
+    while let Some(b) = layer.backing() {
+        let next = as_qcow2(layer)
+            .and_then(|q| q.header().backing_file.clone())
+            .map(|bf| resolve_relative(&name, &bf))
+            .unwrap_or_default();
+        names.push(next.display().to_string());
+        name = next;
+        layer = b.as_ref();
+    }
+    names
+}
+
+/// The name of the file holding a layer's data (its external data file, if any).
+pub fn data_filename(layer_name: &str, layer: &dyn Image) -> String {
+    if let Some(q) = as_qcow2(layer) {
+        if q.header().has_data_file() {
+            if let Some(df) = &q.header().data_file {
+                return resolve_relative(Path::new(layer_name), df).display().to_string();
+            }
+        }
+    }
+    layer_name.to_string()
+}
+
+/// The basic open options for a read-only command.
+pub fn ro_options(format: Option<String>, force_share: bool) -> OpenOptions {
+    OpenOptions { format, force_share, ..Default::default() }
+}
