@@ -5,6 +5,7 @@
 //! lock, so many threads can read one image at once.
 
 mod cache;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod writer;
