@@ -589,6 +589,10 @@ impl Checker<'_> {
         }
         let first = offset >> self.cluster_bits;
         let last = offset.wrapping_add(size - 1) >> self.cluster_bits;
+        if last < first {
+            // The range wrapped around 2^64; QEMU's loop then counts nothing.
+            return Ok(());
+        }
         let mut k = first;
         loop {
             if k >= self.refs.len {
