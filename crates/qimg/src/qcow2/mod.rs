@@ -6,6 +6,7 @@
 
 mod alloc;
 mod cache;
+pub mod check;
 pub mod compress;
 pub mod create;
 mod write;
