@@ -90,7 +90,9 @@ pub fn strerror(e: &io::Error) -> String {
                 return e.to_string();
             }
             // SAFETY: p is a valid NUL-terminated string.
-            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
         }
         None => e.to_string(),
     }

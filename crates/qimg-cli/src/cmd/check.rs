@@ -1,7 +1,12 @@
 //! `qemu-img check`: check (and optionally repair) an image's metadata.
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{as_qcow2, open};
+use crate::ctx::{eprint_ignore, print_ignore};
 use crate::ctx::{run_getopt, Ctx, Parsed};
+use crate::fmt::to_json_pretty;
 use crate::opts::{OutputFormat, RepairMode};
+use qimg::open::OpenOptions;
+use serde_json::{json, Map, Value};
 
 const CMD: &str = "check";
 
@@ -127,7 +132,110 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<CheckOpts> {
 /// Runs `check`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => check_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
+    if o.repair.is_some() {
+        ctx.error("Repair (-r) is not implemented in qimg yet");
+        return 1;
+    }
+    let opts = OpenOptions {
+        format: o.format.clone(),
+        check: true,
+        no_backing: true,
+        no_data_file: true,
+        force_share: o.force_share,
+        ..Default::default()
+    };
+    let img = match open(ctx, &o.filename, &opts) {
+        Ok(i) => i,
+        Err(c) => return c,
+    };
+    let Some(q) = as_qcow2(img.as_ref()) else {
+        ctx.error("This image format does not support checks");
+        return 63;
+    };
+    let r = match qimg::qcow2::check::check(q) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.error(&format!("Check failed: {e}"));
+            return 1;
+        }
+    };
+    for line in r.stderr_lines(&ctx.prog) {
+        eprint_ignore(&format!("{line}\n"));
+    }
+    if let Some(f) = &r.failure {
+        ctx.error(&format!("Check failed: {}", f.strerror()));
+        return 1;
+    }
+    match o.output {
+        OutputFormat::Json => {
+            let mut m = Map::new();
+            m.insert("filename".into(), json!(o.filename));
+            m.insert("format".into(), json!("qcow2"));
+            m.insert("check-errors".into(), json!(r.check_errors));
+            let mut opt = |k: &str, v: u64| {
+                if v != 0 {
+                    m.insert(k.into(), json!(v));
+                }
+            };
+            opt("image-end-offset", r.image_end_offset);
+            opt("corruptions", r.corruptions);
+            opt("leaks", r.leaks);
+            opt("total-clusters", r.total_clusters);
+            opt("allocated-clusters", r.allocated_clusters);
+            opt("fragmented-clusters", r.fragmented_clusters);
+            opt("compressed-clusters", r.compressed_clusters);
+            print_ignore(&to_json_pretty(&Value::Object(m)));
+        }
+        OutputFormat::Human if !o.quiet => print_ignore(&human(&r)),
+        OutputFormat::Human => {}
+    }
+    r.exit_code()
+}
+
+/// qemu-img's human check summary.
+fn human(r: &qimg::qcow2::check::CheckReport) -> String {
+    let mut s = String::new();
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        s += "No errors were found on the image.\n";
+    } else {
+        if r.corruptions > 0 {
+            s += &format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                r.corruptions
+            );
+        }
+        if r.leaks > 0 {
+            s += &format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                r.leaks
+            );
+        }
+        if r.check_errors > 0 {
+            s += &format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            );
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let t = r.total_clusters as f64;
+        s += &format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            r.allocated_clusters as f64 * 100.0 / t,
+            r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+            r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64,
+        );
+    }
+    if r.image_end_offset > 0 {
+        s += &format!("Image end offset: {}\n", r.image_end_offset);
+    }
+    s
 }

@@ -43,7 +43,9 @@ pub fn data_filename(layer_name: &str, layer: &dyn Image) -> String {
     if let Some(q) = as_qcow2(layer) {
         if q.header().has_data_file() {
             if let Some(df) = &q.header().data_file {
-                return resolve_relative(Path::new(layer_name), df).display().to_string();
+                return resolve_relative(Path::new(layer_name), df)
+                    .display()
+                    .to_string();
             }
         }
     }
@@ -52,5 +54,9 @@ pub fn data_filename(layer_name: &str, layer: &dyn Image) -> String {
 
 /// The basic open options for a read-only command.
 pub fn ro_options(format: Option<String>, force_share: bool) -> OpenOptions {
-    OpenOptions { format, force_share, ..Default::default() }
+    OpenOptions {
+        format,
+        force_share,
+        ..Default::default()
+    }
 }

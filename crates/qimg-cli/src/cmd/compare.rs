@@ -3,7 +3,10 @@
 //! Exit codes differ from the other commands: 0 identical, 1 different, 2 open error,
 //! 3 block-status error, 4 read error (usage errors are 1).
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{open, ro_options};
+use crate::ctx::print_ignore;
 use crate::ctx::{run_getopt, Ctx, Parsed};
+use qimg::ops::compare::{compare, CompareOutcome};
 
 const CMD: &str = "compare";
 
@@ -132,7 +135,64 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<CompareOpts> {
 /// Runs `compare`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => compare_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
+    }
+}
+
+fn compare_cmd(ctx: &Ctx, o: &CompareOpts) -> i32 {
+    let a = match open(
+        ctx,
+        &o.filename1,
+        &ro_options(o.format1.clone(), o.force_share),
+    ) {
+        Ok(i) => i,
+        Err(_) => return 2,
+    };
+    let b = match open(
+        ctx,
+        &o.filename2,
+        &ro_options(o.format2.clone(), o.force_share),
+    ) {
+        Ok(i) => i,
+        Err(_) => return 2,
+    };
+    let say = |s: &str| {
+        if !o.quiet {
+            print_ignore(s);
+        }
+    };
+    let r = match compare(a.as_ref(), b.as_ref(), o.strict) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.error(&format!("Error while reading: {e}"));
+            return 4;
+        }
+    };
+    match r.outcome {
+        CompareOutcome::StrictSizeMismatch => {
+            say("Strict mode: Image size mismatch!\n");
+            1
+        }
+        CompareOutcome::StrictStatusMismatch(off) => {
+            say(&format!(
+                "Strict mode: Offset {off} block status mismatch!\n"
+            ));
+            1
+        }
+        CompareOutcome::ContentMismatch(off) => {
+            if r.size_mismatch {
+                say("Warning: Image size mismatch!\n");
+            }
+            say(&format!("Content mismatch at offset {off}!\n"));
+            1
+        }
+        CompareOutcome::Identical => {
+            if r.size_mismatch {
+                say("Warning: Image size mismatch!\n");
+            }
+            say("Images are identical.\n");
+            0
+        }
     }
 }

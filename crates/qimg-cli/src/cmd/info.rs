@@ -1,9 +1,11 @@
 //! `qemu-img info`: describe an image (and its backing chain).
 use crate::args::{HasArg, Item, Key, LongOpt};
-use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::cmd::common::{as_qcow2, open};
 use crate::ctx::print_ignore;
-use crate::fmt::{dump_human, local_utc_offset, size_to_str, snapshot_header, snapshot_line, to_json_pretty};
+use crate::ctx::{run_getopt, Ctx, Parsed};
+use crate::fmt::{
+    dump_human, local_utc_offset, size_to_str, snapshot_header, snapshot_line, to_json_pretty,
+};
 use crate::opts::OutputFormat;
 use qimg::image::Image;
 use qimg::ondisk::header::{autoclear, compat, incompat};
@@ -155,7 +157,10 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
         if let Some(b) = &h.backing_file {
             m.insert("backing-filename".into(), json!(b));
             let full = resolve_relative(Path::new(filename), b);
-            m.insert("full-backing-filename".into(), json!(full.display().to_string()));
+            m.insert(
+                "full-backing-filename".into(),
+                json!(full.display().to_string()),
+            );
             if let Some(f) = &h.backing_format {
                 m.insert("backing-filename-format".into(), json!(f));
             }
@@ -171,8 +176,14 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
                     o.insert("vm-state-size".into(), json!(s.vm_state_size));
                     o.insert("date-sec".into(), json!(s.date_sec));
                     o.insert("date-nsec".into(), json!(s.date_nsec));
-                    o.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
-                    o.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+                    o.insert(
+                        "vm-clock-sec".into(),
+                        json!(s.vm_clock_nsec / 1_000_000_000),
+                    );
+                    o.insert(
+                        "vm-clock-nsec".into(),
+                        json!(s.vm_clock_nsec % 1_000_000_000),
+                    );
                     if let Some(i) = s.icount {
                         o.insert("icount".into(), json!(i));
                     }
@@ -199,7 +210,10 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
                 "lazy-refcounts".into(),
                 json!(h.compatible_features & compat::LAZY_REFCOUNTS != 0),
             );
-            d.insert("corrupt".into(), json!(h.incompatible_features & incompat::CORRUPT != 0));
+            d.insert(
+                "corrupt".into(),
+                json!(h.incompatible_features & incompat::CORRUPT != 0),
+            );
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if !q.bitmaps().is_empty() {
@@ -224,7 +238,10 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
             d.insert("bitmaps".into(), Value::Array(bms));
         }
         d.insert("compression-type".into(), json!(h.compression().name()));
-        m.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(d)}));
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": Value::Object(d)}),
+        );
     }
     let child = json!({
         "name": "file",
@@ -249,7 +266,11 @@ pub fn human(v: &Value) -> String {
     let n = |k: &str| v[k].as_u64().unwrap_or_default();
     out += &format!("image: {}\n", s("filename"));
     out += &format!("file format: {}\n", s("format"));
-    out += &format!("virtual size: {} ({} bytes)\n", size_to_str(n("virtual-size")), n("virtual-size"));
+    out += &format!(
+        "virtual size: {} ({} bytes)\n",
+        size_to_str(n("virtual-size")),
+        n("virtual-size")
+    );
     out += &format!("disk size: {}\n", size_to_str(n("actual-size")));
     if let Some(cs) = v["cluster-size"].as_u64() {
         out += &format!("cluster_size: {cs}\n");
@@ -295,12 +316,21 @@ pub fn human(v: &Value) -> String {
     }
     if let Some(child) = v["children"].as_array().and_then(|c| c.first()) {
         let ci = &child["info"];
-        out += &format!("Child node '/{}':\n", child["name"].as_str().unwrap_or_default());
-        out += &format!("    filename: {}\n", ci["filename"].as_str().unwrap_or_default());
+        out += &format!(
+            "Child node '/{}':\n",
+            child["name"].as_str().unwrap_or_default()
+        );
+        out += &format!(
+            "    filename: {}\n",
+            ci["filename"].as_str().unwrap_or_default()
+        );
         out += "    protocol type: file\n";
         let fl = ci["virtual-size"].as_u64().unwrap_or_default();
         out += &format!("    file length: {} ({fl} bytes)\n", size_to_str(fl));
-        out += &format!("    disk size: {}\n", size_to_str(ci["actual-size"].as_u64().unwrap_or_default()));
+        out += &format!(
+            "    disk size: {}\n",
+            size_to_str(ci["actual-size"].as_u64().unwrap_or_default())
+        );
     }
     out
 }

@@ -1,6 +1,9 @@
 //! `qemu-img map`: dump the allocation map of an image.
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{chain_filenames, data_filename, open, ro_options};
+use crate::ctx::print_ignore;
 use crate::ctx::{run_getopt, Ctx, Parsed};
+use crate::fmt::{MapEntry, MapWriter};
 use crate::opts::{cvtnum, OutputFormat};
 
 const CMD: &str = "map";
@@ -127,7 +130,76 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MapOpts> {
 /// Runs `map`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => map_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+fn map_cmd(ctx: &Ctx, o: &MapOpts) -> i32 {
+    let img = match open(
+        ctx,
+        &o.filename,
+        &ro_options(o.format.clone(), o.force_share),
+    ) {
+        Ok(i) => i,
+        Err(c) => return c,
+    };
+    let names = chain_filenames(&o.filename, img.as_ref());
+    let mut layers = vec![img.clone()];
+    while let Some(b) = layers.last().unwrap().backing().cloned() {
+        layers.push(b);
+    }
+    let len = img.len();
+    let start = o.start_offset.unwrap_or(0).min(len);
+    let end = match o.max_length {
+        Some(l) => start.saturating_add(l).min(len),
+        None => len,
+    };
+    let mut w = MapWriter::new(o.output == OutputFormat::Json);
+    let mut pending: Option<MapEntry> = None;
+    let mut pos = start;
+    while pos < end {
+        let e = match qimg::image::chain_status(img.as_ref(), pos, end - pos) {
+            Ok(e) => e,
+            Err(err) => {
+                ctx.error(&format!("Could not read file metadata: {err}"));
+                return 1;
+            }
+        };
+        let d = (e.depth as usize).min(layers.len() - 1);
+        let entry = MapEntry {
+            start: pos,
+            length: e.len,
+            depth: e.depth as u64,
+            present: e.present,
+            zero: e.zero,
+            data: e.data,
+            compressed: e.compressed,
+            offset: e.offset,
+            filename: Some(data_filename(&names[d], layers[d].as_ref())),
+        };
+        pos += e.len;
+        match pending.as_mut() {
+            Some(p) if p.mergeable(&entry) => p.length += entry.length,
+            _ => {
+                if let Some(p) = pending.replace(entry) {
+                    if let Err(m) = w.push(&p) {
+                        // qemu-img's stdout is block-buffered, so its error comes first.
+                        ctx.error(m);
+                        print_ignore(&w.take());
+                        return 1;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = pending {
+        if let Err(m) = w.push(&p) {
+            ctx.error(m);
+            print_ignore(&w.take());
+            return 1;
+        }
+    }
+    print_ignore(&w.finish());
+    0
 }

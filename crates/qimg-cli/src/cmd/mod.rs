@@ -4,8 +4,8 @@
 pub mod amend;
 pub mod bitmap;
 pub mod check;
-pub mod common;
 pub mod commit;
+pub mod common;
 pub mod compare;
 pub mod convert;
 pub mod create;
