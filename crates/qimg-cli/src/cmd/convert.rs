@@ -1,7 +1,18 @@
 //! `qemu-img convert`: copy one or more images into a new one, possibly converting the format.
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{open, ro_options};
+use crate::ctx::print_ignore;
 use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::opts::{cvtnum, cvtnum_full, parse_snapshot_param, OptionList, SnapshotParam};
+use qimg::image::Image;
+use qimg::open::{open_locked, OpenOptions};
+use qimg::ops::convert::{convert, ConvertOptions, Target};
+use qimg::qcow2::writer::Qcow2Writer;
+use qimg::raw::Raw;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 const CMD: &str = "convert";
 
@@ -311,7 +322,204 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<ConvertOpts> {
 /// Runs `convert`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => convert_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+/// Prints progress as qemu-img does (`    (12.34/100%)` and a carriage return) when stdout
+/// is not a terminal, and a bar with throughput when it is.
+struct Progress {
+    tty: bool,
+    last: AtomicU64,
+    start: std::time::Instant,
+    out: Mutex<()>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let p = Progress {
+            tty: std::io::stdout().is_terminal(),
+            last: AtomicU64::new(0),
+            start: std::time::Instant::now(),
+            out: Mutex::new(()),
+        };
+        p.draw(0, 1);
+        p
+    }
+
+    fn draw(&self, done: u64, total: u64) {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let _g = self.out.lock().unwrap();
+        if self.tty {
+            let width = 40usize;
+            let filled = ((pct / 100.0) * width as f64) as usize;
+            let secs = self.start.elapsed().as_secs_f64().max(1e-6);
+            let rate = done as f64 / secs / (1 << 20) as f64;
+            print_ignore(&format!(
+                "\r[{}{}] {pct:6.2}% {rate:8.1} MiB/s",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            ));
+        } else {
+            print_ignore(&format!("    ({pct:.2}/100%)\r"));
+        }
+    }
+
+    /// Redraws when the percentage moved by at least one point.
+    fn update(&self, done: u64, total: u64) {
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let prev = self.last.load(Ordering::Relaxed);
+        if pct > prev
+            && self
+                .last
+                .compare_exchange(prev, pct, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.draw(done, total);
+        }
+    }
+
+    fn finish(&self) {
+        self.draw(1, 1);
+        print_ignore("\n");
+    }
+}
+
+fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
+    if o.help_requested {
+        return crate::cmd::create::print_options_help(
+            ctx,
+            o.output_format.as_deref().unwrap_or("raw"),
+        );
+    }
+    if o.snapshot.is_some() {
+        ctx.error("convert -l (internal snapshots) is not implemented in qimg yet");
+        return 1;
+    }
+    if o.backing.is_some() {
+        ctx.error("convert -B is not implemented in qimg yet");
+        return 1;
+    }
+    if o.bitmaps {
+        ctx.error("convert --bitmaps is not implemented in qimg yet");
+        return 1;
+    }
+    let mut sources: Vec<Arc<dyn Image>> = Vec::new();
+    for s in &o.sources {
+        match open(ctx, s, &ro_options(o.source_format.clone(), o.force_share)) {
+            Ok(i) => sources.push(i),
+            Err(c) => return c,
+        }
+    }
+    let total: u64 = sources.iter().map(|s| s.len()).sum();
+    let fmt = o.output_format.clone().unwrap_or_else(|| "raw".into());
+    if o.compress && fmt != "qcow2" {
+        ctx.error("Compression not supported for this file format");
+        return 1;
+    }
+    let target_path = Path::new(&o.target);
+    let fresh = !o.no_create;
+    if fresh {
+        if let Err(c) = crate::cmd::create::create_image(
+            ctx, &fmt, &o.target, total, &o.options, None, None, true,
+        ) {
+            return c;
+        }
+    }
+    let topts = OpenOptions {
+        format: Some(fmt.clone()),
+        writable: true,
+        ..Default::default()
+    };
+    let target = if fmt == "qcow2" && fresh {
+        let st = match open_locked(target_path, &topts) {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.error(&format!("Could not open '{}': {e}", o.target));
+                return 1;
+            }
+        };
+        let img = match qimg::qcow2::Qcow2::open(
+            Arc::new(st),
+            qimg::qcow2::Qcow2Options {
+                writable: false,
+                check: false,
+            },
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                ctx.error(&format!("Could not open '{}': {e}", o.target));
+                return 1;
+            }
+        };
+        let data = match img.header().data_file.clone() {
+            Some(df) if img.header().has_data_file() => {
+                let p = qimg::open::resolve_relative(target_path, &df);
+                match open_locked(&p, &topts) {
+                    Ok(s) => Some(Arc::new(s) as Arc<dyn qimg::storage::Storage>),
+                    Err(e) => {
+                        ctx.error(&format!("Could not open '{}': {e}", p.display()));
+                        return 1;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let file = img.file().clone();
+        drop(img);
+        match Qcow2Writer::open(file, data) {
+            Ok(w) => Target::Qcow2(Box::new(w)),
+            Err(e) => {
+                ctx.error(&format!("Could not open '{}': {e}", o.target));
+                return 1;
+            }
+        }
+    } else if fmt == "raw" && fresh {
+        match open_locked(target_path, &topts).and_then(|s| Raw::open(Arc::new(s), true)) {
+            Ok(r) => Target::Image(Arc::new(r)),
+            Err(e) => {
+                ctx.error(&format!("Could not open '{}': {e}", o.target));
+                return 1;
+            }
+        }
+    } else {
+        match open(ctx, &o.target, &topts) {
+            Ok(i) => Target::Image(i),
+            Err(c) => return c,
+        }
+    };
+    if let Target::Image(t) = &target {
+        if t.len() < total {
+            ctx.error("Output image is too small");
+            return 1;
+        }
+    }
+    let progress = (o.progress && !o.quiet).then(Progress::new);
+    let cb = |d: u64, t: u64| {
+        if let Some(p) = &progress {
+            p.update(d, t);
+        }
+    };
+    let flush = !matches!(o.target_cache.as_deref(), None | Some("unsafe"));
+    let copts = ConvertOptions {
+        sparse_size: o.sparse_size.unwrap_or(4096),
+        target_is_zero: fresh || o.target_is_zero,
+        compress: o.compress,
+        threads: o.parallel.map(|m| m as usize).unwrap_or(8).max(4),
+        flush,
+        progress: Some(&cb),
+    };
+    if let Err(e) = convert(&sources, target, &copts) {
+        ctx.error(&format!("error while writing at byte 0: {e}"));
+        return 1;
+    }
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    0
 }

@@ -146,3 +146,41 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         Parsed::Exit(code) => code,
     }
 }
+
+/// Lists the creation options of a format (`-o help`).
+pub fn print_options_help(ctx: &Ctx, fmt: &str) -> i32 {
+    ctx.error(&format!(
+        "-o help for format '{fmt}' is not implemented in qimg yet"
+    ));
+    1
+}
+
+/// Creates an image file of format `fmt` and `size` bytes with `-o` options; convert
+/// and create share this. With `quiet`, nothing is printed.
+#[allow(clippy::too_many_arguments)]
+pub fn create_image(
+    ctx: &Ctx,
+    fmt: &str,
+    filename: &str,
+    size: u64,
+    options: &crate::opts::OptionList,
+    backing: Option<&str>,
+    backing_fmt: Option<&str>,
+    quiet: bool,
+) -> Result<(), i32> {
+    let _ = (options, backing, backing_fmt, quiet);
+    match fmt {
+        "raw" => std::fs::File::create(filename)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| {
+                ctx.error(&format!("{filename}: {}", qimg::error::strerror(&e)));
+                1
+            }),
+        _ => {
+            ctx.error(&format!(
+                "Creating '{fmt}' images is not implemented in qimg yet"
+            ));
+            Err(1)
+        }
+    }
+}

@@ -296,6 +296,7 @@ pub fn human(v: &Value) -> String {
     if let Some(snaps) = v["snapshots"].as_array() {
         out += "Snapshot list:\n";
         out += &snapshot_header();
+        out += "\n";
         for sn in snaps {
             let date = sn["date-sec"].as_i64().unwrap_or_default();
             out += &snapshot_line(
@@ -308,6 +309,7 @@ pub fn human(v: &Value) -> String {
                     + sn["vm-clock-nsec"].as_u64().unwrap_or_default(),
                 sn["icount"].as_u64(),
             );
+            out += "\n";
         }
     }
     if let Some(fs) = v.get("format-specific") {

@@ -76,6 +76,8 @@ pub struct Qcow2 {
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
     last_decompressed: Mutex<Option<DecompressedCluster>>,
+    /// Whether the image looks metadata-preallocated (decided on first use).
+    metadata_prealloc: std::sync::OnceLock<bool>,
     opts: Qcow2Options,
 }
 
@@ -260,6 +262,7 @@ impl Qcow2 {
             snapshots,
             bitmaps,
             last_decompressed: Mutex::new(None),
+            metadata_prealloc: std::sync::OnceLock::new(),
             header: h,
             opts,
         })
@@ -572,6 +575,71 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// Whether far more clusters are in use by refcount than the file really allocates,
+    /// which is what metadata preallocation leaves behind. Then, as QEMU does, block
+    /// status asks the file where its holes are, because those clusters read as zeros.
+    fn detect_metadata_prealloc(&self) -> Result<bool> {
+        let cs = self.cluster_size();
+        let file_len = self.file.len()?.div_ceil(512) * 512;
+        let real = self.file.allocated_size()? / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let end = file_len.div_ceil(cs);
+        let order = self.header.refcount_order;
+        let per_block = crate::ondisk::refcount::entries_per_block(self.cluster_bits, order);
+        let table_len = (self.header.refcount_table_clusters as u64 * cs) as usize;
+        let table = read_meta(
+            self.file.as_ref(),
+            self.header.refcount_table_offset,
+            table_len as u64,
+            "refcount table",
+        )?;
+        let mut count = 0u64;
+        let mut block = vec![0u8; cs as usize];
+        let mut loaded = u64::MAX;
+        let mut c = 0u64;
+        while c < end && count < threshold {
+            let i = c / per_block;
+            if (i as usize) * 8 + 8 > table.len() {
+                break;
+            }
+            let off = be64(&table, i as usize * 8) & crate::ondisk::refcount::REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                c = (i + 1) * per_block;
+                continue;
+            }
+            if loaded != i {
+                self.file.read_at(&mut block, off)?;
+                loaded = i;
+            }
+            if crate::ondisk::refcount::get(&block, order, (c % per_block) as usize) != 0 {
+                count += 1;
+            }
+            c += 1;
+        }
+        Ok(count >= threshold)
+    }
+
+    /// Refines a data extent with the data file's holes (see `detect_metadata_prealloc`).
+    fn refine_with_file(&self, host: u64, len: u64) -> Result<(u64, bool)> {
+        let prealloc = match self.metadata_prealloc.get() {
+            Some(p) => *p,
+            None => *self
+                .metadata_prealloc
+                .get_or_init(|| self.detect_metadata_prealloc().unwrap_or(false)),
+        };
+        if !prealloc {
+            return Ok((len, false));
+        }
+        let storage = self.data_storage()?;
+        Ok(match storage.next_data(host)? {
+            None => (len, false),
+            Some((d, e)) if d <= host => (len.min(e - host), false),
+            Some((d, _)) => (len.min(d - host), true),
+        })
+    }
+}
+
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; callers who care call close() first.
@@ -628,15 +696,19 @@ impl Image for Qcow2 {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        let (n, m) = self.map_run(offset, len)?;
+        let (mut n, m) = self.map_run(offset, len)?;
         let status = match m {
-            Mapping::Data(h) => Status {
-                allocated: true,
-                data: true,
-                zero: false,
-                offset: Some(h),
-                compressed: false,
-            },
+            Mapping::Data(h) => {
+                let (n2, zero) = self.refine_with_file(h, n)?;
+                n = n2;
+                Status {
+                    allocated: true,
+                    data: true,
+                    zero,
+                    offset: Some(h),
+                    compressed: false,
+                }
+            }
             Mapping::Zero(h) => Status {
                 offset: h,
                 ..Status::ZERO
