@@ -372,7 +372,7 @@ impl Progress {
 
     /// Redraws when the percentage moved by at least one point.
     fn update(&self, done: u64, total: u64) {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let prev = self.last.load(Ordering::Relaxed);
         if pct > prev
             && self
