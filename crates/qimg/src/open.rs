@@ -33,6 +33,22 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Take no image locks at all.
     pub no_lock: bool,
+    /// Read this internal snapshot of the top image instead of its active state.
+    pub snapshot: Option<SnapshotSel>,
+}
+
+/// How an internal snapshot is named on a command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSel {
+    /// `ID_OR_NAME`: IDs are tried first, then names.
+    IdOrName(String),
+    /// `snapshot.id=...,snapshot.name=...`: whichever are given must match.
+    Exact {
+        /// Snapshot ID.
+        id: Option<String>,
+        /// Snapshot name.
+        name: Option<String>,
+    },
 }
 
 /// Guesses the format of a file from its first bytes.
@@ -107,6 +123,20 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
                 check: opts.check,
             };
             let mut img = Qcow2::open(storage, q)?;
+            if let Some(sel) = &opts.snapshot {
+                let idx = match sel {
+                    SnapshotSel::IdOrName(x) => img
+                        .find_snapshot(Some(x), None)
+                        .or_else(|| img.find_snapshot(None, Some(x))),
+                    SnapshotSel::Exact { id, name } => {
+                        img.find_snapshot(id.as_deref(), name.as_deref())
+                    }
+                };
+                let idx = idx.ok_or_else(|| {
+                    Error::NotFound("Failed to load snapshot: Can't find snapshot".into())
+                })?;
+                img.load_snapshot_readonly(idx)?;
+            }
             let h = img.header().clone();
             if h.has_data_file() && !opts.no_data_file {
                 let name = h
@@ -119,6 +149,7 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
             if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
                 let bpath = resolve_relative(path, name);
                 let bopts = OpenOptions {
+                    snapshot: None,
                     format: h.backing_format.clone(),
                     writable: false,
                     force_share: opts.force_share,

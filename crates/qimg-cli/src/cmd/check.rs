@@ -142,15 +142,20 @@ fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
         ctx.error("Repair (-r) is not implemented in qimg yet");
         return 1;
     }
+    let (filename, format) =
+        match crate::cmd::common::image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
+            Ok(x) => x,
+            Err(c) => return c,
+        };
     let opts = OpenOptions {
-        format: o.format.clone(),
+        format,
         check: true,
         no_backing: true,
         no_data_file: true,
         force_share: o.force_share,
         ..Default::default()
     };
-    let img = match open(ctx, &o.filename, &opts) {
+    let img = match open(ctx, &filename, &opts) {
         Ok(i) => i,
         Err(c) => return c,
     };
@@ -175,7 +180,7 @@ fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
     match o.output {
         OutputFormat::Json => {
             let mut m = Map::new();
-            m.insert("filename".into(), json!(o.filename));
+            m.insert("filename".into(), json!(filename));
             m.insert("format".into(), json!("qcow2"));
             m.insert("check-errors".into(), json!(r.check_errors));
             let mut opt = |k: &str, v: u64| {

@@ -60,3 +60,39 @@ pub fn ro_options(format: Option<String>, force_share: bool) -> OpenOptions {
         ..Default::default()
     }
 }
+
+/// Resolves `--image-opts` specifications (`driver=qcow2,file.filename=x.qcow2`) to a file
+/// name and format; plain file names pass through.
+pub fn image_spec(
+    ctx: &Ctx,
+    filename: &str,
+    format: Option<String>,
+    image_opts: bool,
+) -> Result<(String, Option<String>), i32> {
+    if !image_opts {
+        return Ok((filename.to_string(), format));
+    }
+    let mut file = None;
+    let mut driver = None;
+    for (k, v) in crate::opts::parse_pairs(filename) {
+        match k.as_str() {
+            "driver" => driver = Some(v),
+            "file.filename" | "filename" => file = Some(v),
+            "file.driver" | "file.locking" | "file.aio" | "read-only" | "force-share" => {}
+            other => {
+                ctx.error(&format!("Could not open '{filename}': Block format '{}' does not support the option '{other}'", driver.as_deref().unwrap_or("raw")));
+                return Err(1);
+            }
+        }
+    }
+    match (file, driver) {
+        (Some(f), Some(d)) if d == "file" => Ok((f, Some("raw".into()))),
+        (Some(f), d) => Ok((f, d)),
+        (None, _) => {
+            ctx.error(&format!(
+                "Could not open '{filename}': A block device must be specified for \"file\""
+            ));
+            Err(1)
+        }
+    }
+}

@@ -141,19 +141,21 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 fn compare_cmd(ctx: &Ctx, o: &CompareOpts) -> i32 {
-    let a = match open(
-        ctx,
-        &o.filename1,
-        &ro_options(o.format1.clone(), o.force_share),
+    let spec = |f: &str, fmt: &Option<String>| {
+        crate::cmd::common::image_spec(ctx, f, fmt.clone(), o.image_opts)
+    };
+    let ((f1, fmt1), (f2, fmt2)) = match (
+        spec(&o.filename1, &o.format1),
+        spec(&o.filename2, &o.format2),
     ) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return 2,
+    };
+    let a = match open(ctx, &f1, &ro_options(fmt1, o.force_share)) {
         Ok(i) => i,
         Err(_) => return 2,
     };
-    let b = match open(
-        ctx,
-        &o.filename2,
-        &ro_options(o.format2.clone(), o.force_share),
-    ) {
+    let b = match open(ctx, &f2, &ro_options(fmt2, o.force_share)) {
         Ok(i) => i,
         Err(_) => return 2,
     };

@@ -5,7 +5,7 @@ use crate::ctx::print_ignore;
 use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::opts::{cvtnum, cvtnum_full, parse_snapshot_param, OptionList, SnapshotParam};
 use qimg::image::Image;
-use qimg::open::{open_locked, OpenOptions};
+use qimg::open::{open_locked, OpenOptions, SnapshotSel};
 use qimg::ops::convert::{convert, ConvertOptions, Target};
 use qimg::qcow2::writer::Qcow2Writer;
 use qimg::raw::Raw;
@@ -397,10 +397,6 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             o.output_format.as_deref().unwrap_or("raw"),
         );
     }
-    if o.snapshot.is_some() {
-        ctx.error("convert -l (internal snapshots) is not implemented in qimg yet");
-        return 1;
-    }
     if o.backing.is_some() {
         ctx.error("convert -B is not implemented in qimg yet");
         return 1;
@@ -410,8 +406,35 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         return 1;
     }
     let mut sources: Vec<Arc<dyn Image>> = Vec::new();
+    let snapshot = o.snapshot.as_ref().map(|s| match s {
+        SnapshotParam::IdOrName(x) => SnapshotSel::IdOrName(x.clone()),
+        SnapshotParam::Options { id, name } => SnapshotSel::Exact {
+            id: id.clone(),
+            name: name.clone(),
+        },
+    });
     for s in &o.sources {
-        match open(ctx, s, &ro_options(o.source_format.clone(), o.force_share)) {
+        let (s, fmt) =
+            match crate::cmd::common::image_spec(ctx, s, o.source_format.clone(), o.image_opts) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
+        let s = &s;
+        let mut opts = ro_options(fmt, o.force_share);
+        opts.snapshot = snapshot.clone();
+        let r = if snapshot.is_some() {
+            // qemu-img reports a missing snapshot without the "Could not open" prefix.
+            qimg::open::open_image(Path::new(s), &opts).map_err(|e| {
+                match e {
+                    qimg::Error::NotFound(m) => ctx.error(&m),
+                    e => ctx.error(&format!("Could not open '{s}': {e}")),
+                }
+                1
+            })
+        } else {
+            open(ctx, s, &opts)
+        };
+        match r {
             Ok(i) => sources.push(i),
             Err(c) => return c,
         }

@@ -339,8 +339,8 @@ pub fn human(v: &Value) -> String {
 
 fn info(ctx: &Ctx, o: &InfoOpts) -> Result<(), i32> {
     let mut infos = Vec::new();
-    let mut name = o.filename.clone();
-    let mut format = o.format.clone();
+    let (mut name, mut format) =
+        crate::cmd::common::image_spec(ctx, &o.filename, o.format.clone(), o.image_opts)?;
     let mut seen = Vec::new();
     loop {
         let opts = OpenOptions {

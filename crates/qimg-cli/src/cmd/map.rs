@@ -136,15 +136,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 fn map_cmd(ctx: &Ctx, o: &MapOpts) -> i32 {
-    let img = match open(
-        ctx,
-        &o.filename,
-        &ro_options(o.format.clone(), o.force_share),
-    ) {
+    let (filename, format) =
+        match crate::cmd::common::image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
+            Ok(x) => x,
+            Err(c) => return c,
+        };
+    let img = match open(ctx, &filename, &ro_options(format, o.force_share)) {
         Ok(i) => i,
         Err(c) => return c,
     };
-    let names = chain_filenames(&o.filename, img.as_ref());
+    let names = chain_filenames(&filename, img.as_ref());
     let mut layers = vec![img.clone()];
     while let Some(b) = layers.last().unwrap().backing().cloned() {
         layers.push(b);

@@ -100,6 +100,11 @@ impl SliceCache {
         );
     }
 
+    /// Forgets every slice (the tables changed underneath); none may be dirty.
+    pub(crate) fn clear(&self) {
+        self.map.lock().unwrap().clear();
+    }
+
     /// Number of dirty slices.
     pub(crate) fn dirty_count(&self) -> usize {
         self.map

@@ -640,6 +640,55 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// Switches a read-only image to the contents of internal snapshot `index` (as
+    /// `qemu-img convert -l` and `qemu-nbd -l` read it).
+    pub fn load_snapshot_readonly(&mut self, index: usize) -> Result<()> {
+        if self.ws.lock().unwrap().is_some() {
+            return Err(Error::InvalidArgument(
+                "snapshots can only be loaded read-only".into(),
+            ));
+        }
+        let s = self
+            .snapshots
+            .get(index)
+            .ok_or_else(|| Error::NotFound("snapshot not found".into()))?
+            .clone();
+        if s.l1_size as u64 * 8 > MAX_L1_BYTES {
+            return Err(Error::invalid("Snapshot L1 table too large"));
+        }
+        if !aligned(s.l1_table_offset, self.cluster_size()) {
+            return Err(Error::invalid("Snapshot L1 table offset invalid"));
+        }
+        let buf = read_meta(
+            self.file.as_ref(),
+            s.l1_table_offset,
+            s.l1_size as u64 * 8,
+            "snapshot L1 table",
+        )?;
+        let size = s.disk_size.unwrap_or(self.header.size);
+        let needed = size.div_ceil(1u64 << (self.cluster_bits + self.l2_bits));
+        if (s.l1_size as u64) < needed {
+            return Err(Error::invalid("Snapshot L1 table is too small"));
+        }
+        *self.l1.write().unwrap() = buf.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        self.header.size = size;
+        self.l2_cache.clear();
+        *self.last_decompressed.lock().unwrap() = None;
+        Ok(())
+    }
+
+    /// Finds a snapshot as qemu-img's `-l` does: by ID first, then by name.
+    pub fn find_snapshot(&self, id: Option<&str>, name: Option<&str>) -> Option<usize> {
+        match (id, name) {
+            (Some(i), Some(n)) => self.snapshots.iter().position(|s| s.id == i && s.name == n),
+            (Some(i), None) => self.snapshots.iter().position(|s| s.id == i),
+            (None, Some(n)) => self.snapshots.iter().position(|s| s.name == n),
+            (None, None) => None,
+        }
+    }
+}
+
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; callers who care call close() first.
