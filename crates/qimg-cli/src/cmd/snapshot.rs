@@ -161,7 +161,50 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<SnapshotOpts> {
 /// Runs `snapshot`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => snapshot_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+fn snapshot_cmd(ctx: &Ctx, o: &SnapshotOpts) -> i32 {
+    use crate::cmd::common::{as_qcow2, image_spec, open, ro_options};
+    use crate::fmt::{local_utc_offset, snapshot_header, snapshot_line};
+    if o.action != SnapshotAction::List {
+        return ctx.not_implemented(CMD);
+    }
+    let (filename, format) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let mut opts = ro_options(format, o.force_share);
+    opts.no_backing = true;
+    opts.no_data_file = true;
+    let img = match open(ctx, &filename, &opts) {
+        Ok(i) => i,
+        Err(c) => return c,
+    };
+    let Some(q) = as_qcow2(img.as_ref()) else {
+        return 0;
+    };
+    if q.snapshots().is_empty() {
+        return 0;
+    }
+    let mut out = String::from("Snapshot list:\n");
+    out += &snapshot_header();
+    out += "\n";
+    for sn in q.snapshots() {
+        let date = sn.date_sec as i64;
+        out += &snapshot_line(
+            &sn.id,
+            &sn.name,
+            sn.vm_state_size,
+            date,
+            local_utc_offset(date),
+            sn.vm_clock_nsec,
+            sn.icount,
+        );
+        out += "\n";
+    }
+    crate::ctx::print_ignore(&out);
+    0
 }
