@@ -138,6 +138,12 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
                 img.load_snapshot_readonly(idx)?;
             }
             let h = img.header().clone();
+            if h.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0
+                && !h.has_data_file()
+                && !opts.no_data_file
+            {
+                return Err(Error::invalid("data-file-raw requires a data file"));
+            }
             if h.has_data_file() && !opts.no_data_file {
                 let name = h
                     .data_file

@@ -150,8 +150,6 @@ fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
     let opts = OpenOptions {
         format,
         check: true,
-        no_backing: true,
-        no_data_file: true,
         force_share: o.force_share,
         ..Default::default()
     };

@@ -29,7 +29,8 @@ pub struct BitmapEntry {
     pub name: String,
 }
 
-/// Parses a bitmap directory of `n` entries occupying exactly `buf`.
+/// Parses a bitmap directory of `n` entries occupying exactly `buf`, checking each entry
+/// as QEMU does when it loads the directory (in its order, with its messages).
 pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
     let broken = || Error::invalid("Broken bitmap directory");
     let mut out = Vec::new();
@@ -41,12 +42,17 @@ pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
         let b = &buf[off..];
         let name_len = be16(b, 18) as usize;
         let extra_len = be32(b, 20) as usize;
-        let total = 24usize
-            .checked_add(extra_len)
-            .and_then(|v| v.checked_add(name_len))
-            .ok_or_else(broken)?;
+        if extra_len != 0 {
+            return Err(Error::unsupported("Bitmap extra data is not supported"));
+        }
+        let total = 24 + name_len;
         if total > b.len() {
             return Err(broken());
+        }
+        if out.len() as u64 >= n as u64 {
+            return Err(Error::invalid(
+                "More bitmaps found than specified in header extension",
+            ));
         }
         out.push(BitmapEntry {
             table_offset: be64(b, 0),
@@ -54,14 +60,9 @@ pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
             flags: be32(b, 12),
             typ: b[16],
             granularity_bits: b[17],
-            extra: b[24..24 + extra_len].to_vec(),
-            name: String::from_utf8_lossy(&b[24 + extra_len..total]).into_owned(),
+            extra: Vec::new(),
+            name: String::from_utf8_lossy(&b[24..total]).into_owned(),
         });
-        if out.len() as u64 > n as u64 {
-            return Err(Error::invalid(
-                "More bitmaps found than specified in header extension",
-            ));
-        }
         off += total.div_ceil(8) * 8;
     }
     if out.len() as u64 != n as u64 {

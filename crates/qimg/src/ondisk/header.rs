@@ -343,7 +343,10 @@ impl Header {
             return Err(Error::unsupported(h.unknown_incompat_message(unknown)));
         }
         if h.extended_l2() && cluster_bits < 14 {
-            return Err(Error::invalid("Unsupported subcluster size"));
+            return Err(Error::invalid(format!(
+                "Unsupported subcluster size: {}",
+                (1u64 << cluster_bits) / 32
+            )));
         }
         if h.refcount_order > 6 {
             return Err(Error::invalid(
@@ -373,10 +376,10 @@ impl Header {
     fn validate_compression_type(&self) -> Result<()> {
         match self.compression_type {
             0 if self.incompatible_features & incompat::COMPRESSION != 0 => Err(Error::invalid(
-                "Compression type incompatible feature bit must not be set",
+                "qcow2: Compression type incompatible feature bit must not be set",
             )),
             1 if self.incompatible_features & incompat::COMPRESSION == 0 => Err(Error::invalid(
-                "Compression type incompatible feature bit must be set",
+                "qcow2: Compression type incompatible feature bit must be set",
             )),
             0 | 1 => Ok(()),
             t => Err(Error::unsupported(format!(
@@ -423,11 +426,12 @@ impl Header {
             let typ = be32(buf, off as usize);
             let len = be32(buf, off as usize + 4) as u64;
             off += 8;
-            if typ == ext::END {
-                break;
-            }
+            // QEMU checks the length before looking at the type, even for the end marker.
             if len > ext_end - off {
                 return Err(Error::invalid("Header extension too large"));
+            }
+            if typ == ext::END {
+                break;
             }
             let data = &buf[off as usize..(off + len) as usize];
             if seen.contains(&typ) && typ != ext::FEATURE_TABLE {
@@ -440,7 +444,7 @@ impl Header {
                 ext::BACKING_FORMAT => {
                     if len >= 16 {
                         return Err(Error::invalid(format!(
-                            "ext_backing_format: len={len} too large (>=16)"
+                            "ERROR: ext_backing_format: len={len} too large (>=16)"
                         )));
                     }
                     self.backing_format = Some(lossy(data));

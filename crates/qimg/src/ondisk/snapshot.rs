@@ -51,7 +51,7 @@ impl Snapshot {
         let extra = be32(buf, 36);
         if extra > MAX_EXTRA_DATA {
             return Err(Error::invalid(format!(
-                "Too much extra metadata in snapshot table entry {index}"
+                "Too much extra metadata in snapshot table entry {index}\nYou can force-remove this extra metadata with qemu-img check -r all"
             )));
         }
         let ex = extra as usize;

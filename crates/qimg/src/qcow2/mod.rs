@@ -167,6 +167,11 @@ impl Qcow2 {
                 return Err(Error::invalid("Snapshot table offset invalid"));
             }
         }
+        if h.size > i64::MAX as u64 {
+            return Err(Error::invalid(
+                "Could not refresh total sector count: File too large",
+            ));
+        }
         let entry_size: u32 = if h.extended_l2() { 16 } else { 8 };
         let l2_bits = cluster_bits - entry_size.trailing_zeros();
         if h.l1_size as u64 * 8 > MAX_L1_BYTES {
@@ -191,9 +196,6 @@ impl Qcow2 {
         if h.has_data_file() && h.version < 3 {
             return Err(Error::invalid("External data file requires qcow2 v3"));
         }
-        if h.autoclear_features & header::autoclear::DATA_FILE_RAW != 0 && !h.has_data_file() {
-            return Err(Error::invalid("data-file-raw requires a data file"));
-        }
         let l1_bytes = read_meta(
             file.as_ref(),
             h.l1_table_offset,
@@ -211,7 +213,8 @@ impl Qcow2 {
         } else {
             Vec::new()
         };
-        let bitmaps = match Self::read_bitmaps(file.as_ref(), &h, file_len) {
+        Self::validate_bitmaps_ext(&h)?;
+        let bitmaps = match Self::read_bitmaps(file.as_ref(), &h) {
             Ok(b) => b,
             Err(e) if !opts.check => return Err(e),
             Err(_) => Vec::new(),
@@ -269,38 +272,68 @@ impl Qcow2 {
     }
 
     fn read_snapshots(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>> {
-        // Each entry is at most 40 + 1024 + 2 * 65535 bytes; QEMU caps the table at 64 MiB.
-        let max_len =
-            (h.nb_snapshots as u64 * (40 + 1024 + 2 * 65535 + 8)).min(snapshot::MAX_TABLE_SIZE);
-        let file_len = file.len()?;
-        if h.snapshots_offset >= file_len {
-            return Err(Error::invalid("Snapshot table offset invalid"));
+        // Entry by entry, so memory follows what the table really holds; past the end of
+        // the file entries read as zeros, as they do for QEMU.
+        let mut out = Vec::new();
+        let mut pos = h.snapshots_offset;
+        for i in 0..h.nb_snapshots as usize {
+            let mut head = [0u8; 40];
+            file.read_at(&mut head, pos)?;
+            let extra = crate::ondisk::be32(&head, 36).min(snapshot::MAX_EXTRA_DATA + 1) as u64;
+            let var = extra
+                + crate::ondisk::be16(&head, 12) as u64
+                + crate::ondisk::be16(&head, 14) as u64;
+            let mut entry = vec![0u8; (40 + var) as usize];
+            file.read_at(&mut entry, pos)?;
+            let (s, len) = Snapshot::parse(&entry, i)?;
+            pos += len as u64;
+            if pos - h.snapshots_offset > snapshot::MAX_TABLE_SIZE {
+                return Err(Error::invalid("Snapshot table is too big"));
+            }
+            out.push(s);
         }
-        let len = max_len.min(file_len - h.snapshots_offset);
-        let buf = read_meta(file, h.snapshots_offset, len, "snapshot table")?;
-        snapshot::parse_table(&buf, h.nb_snapshots)
+        Ok(out)
     }
 
-    fn read_bitmaps(file: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<BitmapEntry>> {
+    /// Checks the bitmaps header extension itself (QEMU does this at every open).
+    fn validate_bitmaps_ext(h: &Header) -> Result<()> {
         let Some(ext) = h.bitmaps else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let cs = h.cluster_size();
         if ext.nb_bitmaps == 0 {
             return Err(Error::invalid("found bitmaps extension with zero bitmaps"));
         }
         if ext.nb_bitmaps > 65535 {
-            return Err(Error::invalid("too many persistent bitmaps"));
+            return Err(Error::invalid(format!(
+                "bitmaps_ext: File has {} bitmaps, exceeding the QEMU supported maximum of 65535",
+                ext.nb_bitmaps
+            )));
         }
         if ext.reserved != 0 {
-            return Err(Error::invalid("bitmaps_ext: reserved field is not zero"));
+            return Err(Error::invalid("bitmaps_ext: Reserved field is not zero"));
         }
         if ext.directory_size > 1024 * 65535 {
-            return Err(Error::invalid("bitmaps_ext: directory size is too big"));
+            return Err(Error::invalid(format!(
+                "bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size (67107840)",
+                ext.directory_size
+            )));
         }
-        if !aligned(ext.directory_offset, cs) || ext.directory_offset >= file_len {
-            return Err(Error::invalid("bitmaps_ext: invalid dir offset"));
+        if !aligned(ext.directory_offset, h.cluster_size()) {
+            return Err(Error::invalid(
+                "bitmaps_ext: invalid bitmap directory offset",
+            ));
         }
+        Ok(())
+    }
+
+    /// Loads the bitmap directory (past the end of the file it reads as zeros, which then
+    /// fails the entry checks as in QEMU).
+    fn read_bitmaps(file: &dyn Storage, h: &Header) -> Result<Vec<BitmapEntry>> {
+        let Some(ext) = h.bitmaps else {
+            return Ok(Vec::new());
+        };
+        let cs = h.cluster_size();
+        // Bounded by validate_bitmaps_ext (at most 64 MiB).
         let buf = read_meta(
             file,
             ext.directory_offset,
@@ -318,8 +351,7 @@ impl Qcow2 {
                 && e.typ == 1
                 && (9..=31).contains(&e.granularity_bits)
                 && !e.name.is_empty()
-                && e.name.len() <= 1023
-                && e.extra.is_empty();
+                && e.name.len() <= 1023;
             if !ok {
                 return Err(Error::invalid(format!(
                     "Bitmap '{}' doesn't satisfy the constraints",
