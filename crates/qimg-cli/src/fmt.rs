@@ -479,7 +479,9 @@ pub fn snapshot_line(
     vm_clock_nsec: u64,
     icount: Option<u64>,
 ) -> String {
-    let icount = icount.map(|i| i.to_string()).unwrap_or_default();
+    let icount = icount
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| "--".to_string());
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         id,
@@ -804,7 +806,7 @@ mod tests {
         assert_eq!(format_date(951_782_400, 0), "2000-02-29 00:00:00");
         assert_eq!(format_vm_clock(3_723_456_000_000), "0001:02:03.456");
         assert_eq!(format_vm_clock(0), "0000:00:00.000");
-        assert!(snapshot_line("1", "x", 0, 0, 0, 0, None).ends_with("           "));
+        assert!(snapshot_line("1", "x", 0, 0, 0, 0, None).ends_with("         --"));
         let _ = local_utc_offset(secs);
     }
 }

@@ -29,9 +29,25 @@ pub struct BitmapEntry {
     pub name: String,
 }
 
+impl BitmapEntry {
+    /// QEMU's per-entry constraints (type, granularity, table placement and size, flags).
+    pub fn satisfies_constraints(&self, cluster_size: u64) -> bool {
+        self.table_offset != 0
+            && self.table_offset % cluster_size == 0
+            && self.table_size >= 1
+            && self.table_size <= 0x800_0000
+            && (self.table_size as u64) * cluster_size <= 512 << 20
+            && self.flags & !FLAGS_KNOWN == 0
+            && self.typ == 1
+            && (9..=31).contains(&self.granularity_bits)
+            && !self.name.is_empty()
+            && self.name.len() <= 1023
+    }
+}
+
 /// Parses a bitmap directory of `n` entries occupying exactly `buf`, checking each entry
 /// as QEMU does when it loads the directory (in its order, with its messages).
-pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
+pub fn parse_directory(buf: &[u8], n: u32, cluster_size: u64) -> Result<Vec<BitmapEntry>> {
     let broken = || Error::invalid("Broken bitmap directory");
     let mut out = Vec::new();
     let mut off = 0usize;
@@ -54,7 +70,7 @@ pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
                 "More bitmaps found than specified in header extension",
             ));
         }
-        out.push(BitmapEntry {
+        let e = BitmapEntry {
             table_offset: be64(b, 0),
             table_size: be32(b, 8),
             flags: be32(b, 12),
@@ -62,7 +78,14 @@ pub fn parse_directory(buf: &[u8], n: u32) -> Result<Vec<BitmapEntry>> {
             granularity_bits: b[17],
             extra: Vec::new(),
             name: String::from_utf8_lossy(&b[24..total]).into_owned(),
-        });
+        };
+        if !e.satisfies_constraints(cluster_size) {
+            return Err(Error::invalid(format!(
+                "Bitmap '{}' doesn't satisfy the constraints",
+                e.name
+            )));
+        }
+        out.push(e);
         off += total.div_ceil(8) * 8;
     }
     if out.len() as u64 != n as u64 {
