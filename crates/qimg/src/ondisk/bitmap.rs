@@ -33,7 +33,7 @@ impl BitmapEntry {
     /// QEMU's per-entry constraints (type, granularity, table placement and size, flags).
     pub fn satisfies_constraints(&self, cluster_size: u64) -> bool {
         self.table_offset != 0
-            && self.table_offset % cluster_size == 0
+            && self.table_offset.is_multiple_of(cluster_size)
             && self.table_size >= 1
             && self.table_size <= 0x800_0000
             && (self.table_size as u64) * cluster_size <= 512 << 20
