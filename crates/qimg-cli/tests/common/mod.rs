@@ -474,9 +474,11 @@ pub fn norm_theirs(s: &str) -> String {
     normalize_prog(s, "qemu-img")
 }
 
-/// Normalizes the binary under test's stderr/stdout.
+/// Normalizes the binary under test's stderr/stdout. Usage messages may name the program by
+/// its argv[0] (the full path the harness ran) or by its base name.
 pub fn norm_ours(s: &str) -> String {
-    normalize_prog(s, &prog_name())
+    let full = bin_under_test().to_string_lossy().into_owned();
+    normalize_prog(&normalize_prog(s, &full), &prog_name())
 }
 
 /// Volatile fields of `info --output=json`, for images that were *created separately* by the
