@@ -141,7 +141,7 @@ fn assert_robust(cwd: &Path, img: &str) {
 
 /// Asserts that qemu-img refuses to open the image (the case is what it claims to be).
 fn assert_qemu_refuses(cwd: &Path, img: &str) {
-    let o = qemu_img(cwd, &["info", "-f", "qcow2", img]);
+    let o = qemu_img(cwd, ["info", "-f", "qcow2", img]);
     assert!(
         !o.success(),
         "qemu-img opens this image; the case is not malformed enough: {}",

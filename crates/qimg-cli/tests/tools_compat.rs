@@ -70,17 +70,14 @@ fn check_repair_same(cwd: &Path, img: &str, mode: &str) {
     std::fs::create_dir_all(&t).unwrap();
     std::fs::copy(cwd.join(img), q.join(img)).unwrap();
     std::fs::copy(cwd.join(img), t.join(img)).unwrap();
-    let theirs = qemu_img(&q, &["check", "-r", mode, "--output=json", img]);
-    let ours = qimg(&t, &["check", "-r", mode, "--output=json", img]);
+    let theirs = qemu_img(&q, ["check", "-r", mode, "--output=json", img]);
+    let ours = qimg(&t, ["check", "-r", mode, "--output=json", img]);
     assert_outputs_equal(&ours, &theirs, &|s| s.to_string());
-    let after_q = qemu_img(&q, &["check", img]);
-    let after_t = qemu_img(&t, &["check", img]);
+    let after_q = qemu_img(&q, ["check", img]);
+    let after_t = qemu_img(&t, ["check", img]);
     assert_eq!(after_t.stdout, after_q.stdout, "state after repair differs");
     assert_eq!(after_t.code(), after_q.code());
-    let cmp = qemu_img(
-        cwd,
-        &["compare", &format!("rq/{img}"), &format!("rt/{img}")],
-    );
+    let cmp = qemu_img(cwd, ["compare", &format!("rq/{img}"), &format!("rt/{img}")]);
     assert_eq!(
         cmp.code(),
         Some(0),
@@ -442,7 +439,7 @@ fn convert_same(cwd: &Path, args: &[&str], target: &str, target_fmt: &str, pre: 
         None => vec![],
     };
     if target_fmt == "qcow2" {
-        let c = qemu_img(&t, &["check", target]);
+        let c = qemu_img(&t, ["check", target]);
         assert_eq!(
             c.code(),
             Some(0),
@@ -469,15 +466,15 @@ fn convert_same(cwd: &Path, args: &[&str], target: &str, target_fmt: &str, pre: 
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let mq = qemu_img(&q, &["map", "-f", target_fmt, "--output=json", target]).ok();
-    let mt = qemu_img(&t, &["map", "-f", target_fmt, "--output=json", target]).ok();
+    let mq = qemu_img(&q, ["map", "-f", target_fmt, "--output=json", target]).ok();
+    let mt = qemu_img(&t, ["map", "-f", target_fmt, "--output=json", target]).ok();
     assert_eq!(
         strip_offsets(&mt.stdout),
         strip_offsets(&mq.stdout),
         "allocation of the target differs"
     );
-    let iq = qemu_img(&q, &["info", "-f", target_fmt, "--output=json", target]).ok();
-    let it = qemu_img(&t, &["info", "-f", target_fmt, "--output=json", target]).ok();
+    let iq = qemu_img(&q, ["info", "-f", target_fmt, "--output=json", target]).ok();
+    let it = qemu_img(&t, ["info", "-f", target_fmt, "--output=json", target]).ok();
     assert_eq!(
         normalize_info_json_text(&it.stdout),
         normalize_info_json_text(&iq.stdout)
