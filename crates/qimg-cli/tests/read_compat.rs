@@ -663,3 +663,102 @@ prealloc_case!(
     prealloc_metadata_extl2,
     "preallocation=metadata,extended_l2=on"
 );
+
+// ---- more header and metadata shapes -------------------------------------------------------
+
+case!(header_length_120_unknown_trailing_bytes, |cwd| {
+    // A longer v3 header (as a future version may write): 8 unknown bytes after byte 112,
+    // extensions moved up accordingly.
+    mk(cwd, "", "a.qcow2", "4M");
+    qio(cwd, "a.qcow2", MIXED);
+    let p = cwd.join("a.qcow2");
+    let tail = read_at(&p, 112, 4096 - 120);
+    write_at(&p, 120, &tail);
+    write_at(&p, 112, &[0, 0, 0, 0, 0, 0, 0, 0x42]);
+    put_be32(&p, 100, 120);
+    ("a.qcow2", "qcow2")
+});
+
+case!(bitmap_in_use, |cwd| {
+    // A bitmap whose in_use flag is set (not saved cleanly): reported, not trusted.
+    mk(cwd, "", "a.qcow2", "4M");
+    qemu_img_ok(cwd, &["bitmap", "--add", "a.qcow2", "bm0"]);
+    qio(cwd, "a.qcow2", &["write -P 1 0 128k"]);
+    let p = cwd.join("a.qcow2");
+    let h = Qcow2Hdr::read(&p);
+    let (off, _, _) = h
+        .extensions(&p)
+        .into_iter()
+        .find(|e| e.1 == 0x2385_2875)
+        .unwrap();
+    let dir = be64(&p, off + 16 + 8);
+    put_be32(&p, dir + 12, be32(&p, dir + 12) | 1);
+    ("a.qcow2", "qcow2")
+});
+
+#[test]
+fn internal_snapshot_reads() {
+    // `convert -l` reads an internal snapshot; `snapshot -l` lists them.
+    let t = Tmp::new("internal_snapshot_reads");
+    let cwd = t.path();
+    mk(cwd, "cluster_size=4k", "a.qcow2", "4M");
+    qio(cwd, "a.qcow2", &["write -P 1 0 1M"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "first", "a.qcow2"]);
+    qio(cwd, "a.qcow2", &["write -P 2 512k 1M", "write -z 0 64k"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "second", "a.qcow2"]);
+    qio(cwd, "a.qcow2", &["write -P 3 3M 64k", "discard 512k 64k"]);
+    assert_convert_raw_same(cwd, &[], "a.qcow2");
+    assert_convert_raw_same(cwd, &["-l", "first"], "a.qcow2");
+    assert_convert_raw_same(cwd, &["-l", "2"], "a.qcow2");
+    assert_convert_raw_same(cwd, &["-l", "snapshot.name=second"], "a.qcow2");
+    assert_convert_raw_same(cwd, &["-l", "snapshot.id=1"], "a.qcow2");
+    assert_same(cwd, &["snapshot", "-l", "a.qcow2"]);
+    assert_same(
+        cwd,
+        &["convert", "-l", "nosuch", "-O", "raw", "a.qcow2", "x.raw"],
+    );
+}
+
+#[test]
+fn read_with_force_share_and_image_opts() {
+    let t = Tmp::new("force_share");
+    let cwd = t.path();
+    mk(cwd, "", "a.qcow2", "4M");
+    qio(cwd, "a.qcow2", MIXED);
+    assert_same(cwd, &["info", "-U", "a.qcow2"]);
+    assert_same(cwd, &["map", "-U", "--output=json", "a.qcow2"]);
+    assert_same(cwd, &["check", "-U", "a.qcow2"]);
+    assert_same(
+        cwd,
+        &["info", "--image-opts", "driver=qcow2,file.filename=a.qcow2"],
+    );
+    assert_convert_raw_same(cwd, &["-U"], "a.qcow2");
+}
+
+#[test]
+fn usage_errors() {
+    // Usage errors of the read-only commands: same text (modulo program name), exit 1.
+    let t = Tmp::new("usage_errors");
+    let cwd = t.path();
+    mk(cwd, "", "a.qcow2", "1M");
+    for args in [
+        &["info"][..],
+        &["info", "--bogus", "a.qcow2"],
+        &["info", "--output=xml", "a.qcow2"],
+        &["info", "missing.qcow2"],
+        &["info", "-f", "bogus", "a.qcow2"],
+        &["map"],
+        &["map", "--output=yaml", "a.qcow2"],
+        &["map", "--start-offset", "-1", "a.qcow2"],
+        &["map", "--max-length", "x", "a.qcow2"],
+        &["map", "missing.qcow2"],
+        &["convert", "a.qcow2"],
+        &["convert", "-O", "raw", "missing.qcow2", "x.raw"],
+        &["frob"],
+    ] {
+        let (ours, _) = assert_same(cwd, args);
+        assert_ne!(ours.code(), Some(0), "{args:?}");
+    }
+    // A repeated option: the last one wins.
+    assert_same(cwd, &["info", "-f", "raw", "-f", "qcow2", "a.qcow2"]);
+}
