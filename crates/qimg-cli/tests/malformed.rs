@@ -469,10 +469,11 @@ malformed!(l1_entry_unaligned, refused: false, |_c, p| {
     put_be64(&p, l1, be64(&p, l1) + 512);
 });
 
-malformed!(l1_entry_points_to_header, refused: false, |_c, p| {
-    let l1 = Qcow2Hdr::read(&p).l1_table_offset;
-    put_be64(&p, l1, 1 << 63);
-    put_be64(&p, l1, (1 << 63) | 0x200_0000_0000_0000);
+malformed!(l1_entry_points_to_metadata, refused: false, |_c, p| {
+    // The first L2 table "is" the refcount table; the second L1 entry has reserved bits set.
+    let h = Qcow2Hdr::read(&p);
+    put_be64(&p, h.l1_table_offset, (1 << 63) | h.refcount_table_offset);
+    put_be64(&p, h.l1_table_offset + 8, 0x0200_0000_0000_0000);
 });
 
 malformed!(l2_entries_beyond_eof, refused: false, |_c, p| {
