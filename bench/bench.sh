@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Benchmark: qemu-img vs qimg on the same data in the same run.
+#
+# Generates (reproducibly, fixed seed) a raw disk of BENCH_SIZE_MIB (default 1536 MiB) made of
+# 4 MiB extents cycling through random data, compressible data, written zeros and holes; makes
+# a qcow2 copy of it with qemu-img; then times, for each tool:
+#   qcow2->raw convert, raw->qcow2 convert, map (json), check, info
+# Each command runs twice per tool (interleaved) and the better time is kept (caches cannot be
+# dropped here, so both tools see warm caches). The outputs of the two tools are compared
+# (converted images with cmp / qemu-img compare, map/check/info text) and the table says so.
+#
+# Environment:
+#   QIMG=path         binary to benchmark (default: build crates/qimg-cli in release and use it)
+#   QEMU_IMG=path     reference (default: qemu-img from PATH)
+#   BENCH_DIR=dir     working directory (default: a new temporary directory, removed at exit)
+#   BENCH_SIZE_MIB=N  size of the generated disk in MiB (default 1536, at least 1024 for the
+#                     figures to mean something)
+#   BENCH_RUNS=N      runs per tool and operation (default 2)
+#   BENCH_KEEP=1      keep BENCH_DIR
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+QEMU_IMG="${QEMU_IMG:-qemu-img}"
+SIZE_MIB="${BENCH_SIZE_MIB:-1536}"
+RUNS="${BENCH_RUNS:-2}"
+
+if [ -z "${QIMG:-}" ]; then
+    echo "== building qimg (release)" >&2
+    (cd "$root" && CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}" cargo build --release -q -p qimg-cli)
+    QIMG="$root/target/release/qimg"
+fi
+command -v "$QEMU_IMG" >/dev/null || { echo "qemu-img not found" >&2; exit 1; }
+[ -x "$QIMG" ] || command -v "$QIMG" >/dev/null || { echo "qimg binary not found: $QIMG" >&2; exit 1; }
+
+if [ -n "${BENCH_DIR:-}" ]; then
+    dir="$BENCH_DIR"
+    mkdir -p "$dir"
+else
+    dir="$(mktemp -d "${TMPDIR:-/tmp}/qimg-bench.XXXXXX")"
+    if [ -z "${BENCH_KEEP:-}" ]; then
+        trap 'rm -rf "$dir"' EXIT
+    fi
+fi
+cd "$dir"
+
+# ---- data ---------------------------------------------------------------------------------
+gen_data() {
+    python3 - "$1" "$SIZE_MIB" <<'PY'
+import random, sys
+path, size_mib = sys.argv[1], int(sys.argv[2])
+ext = 4 << 20
+rng = random.Random(20261122)
+# Compressible: text-like lines with varying numbers (deflate ratio ~ 5-10x).
+words = [b"qcow2", b"cluster", b"refcount", b"l2-table", b"snapshot", b"bitmap", b"zero",
+         b"backing", b"guest", b"host", b"offset", b"extent", b"sector"]
+def compressible(n):
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) for _ in range(8)) + b" %08d\n" % rng.randrange(10**8)
+    return bytes(out[:n])
+with open(path, "wb") as f:
+    f.truncate(size_mib << 20)
+    for i in range((size_mib << 20) // ext):
+        kind = i % 10
+        f.seek(i * ext)
+        if kind < 4:
+            f.write(rng.randbytes(ext))          # 40 % random (incompressible)
+        elif kind < 7:
+            f.write(compressible(ext))           # 30 % compressible
+        elif kind < 8:
+            f.write(bytes(ext))                  # 10 % written zeros
+        else:
+            # 20 % holes, with a 4 KiB write in one of them now and then
+            if kind == 9 and i % 3 == 0:
+                f.write(rng.randbytes(4096))
+PY
+}
+
+if [ ! -f data.raw ] || [ "$(stat -c %s data.raw)" != "$((SIZE_MIB << 20))" ]; then
+    echo "== generating ${SIZE_MIB} MiB of data in $dir" >&2
+    gen_data data.raw
+fi
+if [ ! -f src.qcow2 ]; then
+    "$QEMU_IMG" convert -f raw -O qcow2 data.raw src.qcow2
+fi
+# A fragmented image for map/check: 4 KiB clusters, 4 KiB written at every other cluster of
+# the first 256 MiB in a shuffled order (host order != guest order: ~64 Ki extents), plus
+# zero clusters. Written through one qemu-io process reading commands from stdin.
+if [ ! -f frag.qcow2 ]; then
+    echo "== generating the fragmented image" >&2
+    "$QEMU_IMG" create -q -f qcow2 -o cluster_size=4k frag.qcow2 1G
+    python3 - <<'PY' | qemu-io -f qcow2 frag.qcow2 >/dev/null
+import random
+rng = random.Random(7)
+idx = list(range(0, 65536, 2))
+rng.shuffle(idx)
+for n, i in enumerate(idx):
+    if n % 8 == 7:
+        print(f"write -z {i * 4096} 4096")
+    else:
+        print(f"write -P {n % 251} {i * 4096} 4096")
+PY
+fi
+
+# ---- timing -----------------------------------------------------------------------------
+now() { date +%s.%N; }
+
+# time_cmd OUTFILE REPEAT CMD... : runs CMD REPEAT times with stdout to OUTFILE, prints the
+# elapsed seconds of all repetitions.
+time_cmd() {
+    local out="$1" repeat="$2"
+    shift 2
+    local t0 t1 i
+    t0="$(now)"
+    for ((i = 0; i < repeat; i++)); do
+        if ! "$@" >"$out" 2>"$out.err"; then
+            echo "command failed: $*" >&2
+            cat "$out.err" >&2
+            echo "nan"
+            return 0
+        fi
+    done
+    t1="$(now)"
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+}
+
+min() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan") print b; else if (b == "nan" || a + 0 <= b + 0) print a; else print b }'; }
+
+rows=()
+# bench NAME VERIFY REPEAT CMD-TEMPLATE: the template uses @BIN@ for the tool and @OUT@ for an
+# output file name distinct per tool; short operations are repeated REPEAT times per timing.
+bench() {
+    local name="$1" verify="$2" repeat="$3" tmpl="$4"
+    local best_q=nan best_t=nan r t cmd
+    for r in $(seq 1 "$RUNS"); do
+        for tool in q t; do
+            local bin="$QEMU_IMG"
+            [ "$tool" = t ] && bin="$QIMG"
+            cmd="${tmpl//@BIN@/$bin}"
+            cmd="${cmd//@OUT@/out.$tool}"
+            rm -f "out.$tool"
+            # shellcheck disable=SC2086
+            t="$(time_cmd "stdout.$tool" "$repeat" $cmd)"
+            if [ "$tool" = q ]; then best_q="$(min "$best_q" "$t")"; else best_t="$(min "$best_t" "$t")"; fi
+        done
+        # The outputs of the last run of each tool are compared below.
+    done
+    local same="same"
+    case "$verify" in
+        stdout) cmp -s stdout.q stdout.t || same="DIFFERENT" ;;
+        raw) cmp -s out.q out.t || same="DIFFERENT" ;;
+        qcow2) "$QEMU_IMG" compare -q out.q out.t || same="DIFFERENT" ;;
+    esac
+    local ratio
+    ratio="$(awk -v q="$best_q" -v t="$best_t" 'BEGIN { if (q == "nan" || t == "nan" || t + 0 == 0) print "n/a"; else printf "%.2f", q / t }')"
+    rows+=("$(printf '%-22s %12s %12s %8s  %s' "$name" "$best_q" "$best_t" "$ratio" "$same")")
+    rm -f out.q out.t
+}
+
+echo "== running (each operation ${RUNS}x per tool, best time kept)" >&2
+bench "convert qcow2->raw" raw 1 "@BIN@ convert -f qcow2 -O raw src.qcow2 @OUT@"
+bench "convert raw->qcow2" qcow2 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@"
+bench "map --output=json" stdout 10 "@BIN@ map -f qcow2 --output=json src.qcow2"
+bench "map (fragmented) x3" stdout 3 "@BIN@ map -f qcow2 --output=json frag.qcow2"
+bench "check x10" stdout 10 "@BIN@ check -f qcow2 src.qcow2"
+bench "check (fragmented) x3" stdout 3 "@BIN@ check -f qcow2 frag.qcow2"
+bench "info x20" stdout 20 "@BIN@ info -f qcow2 src.qcow2"
+
+echo
+echo "fragmented image: 1 GiB, 4 KiB clusters, $(stat -c %s frag.qcow2) bytes"
+echo "data: ${SIZE_MIB} MiB raw (40% random, 30% compressible, 10% zeros, 20% holes); qcow2 source $(stat -c %s src.qcow2) bytes"
+echo "qemu-img: $("$QEMU_IMG" --version | head -1)"
+echo "qimg:     $QIMG"
+echo
+printf '%-22s %12s %12s %8s  %s\n' "operation" "qemu-img s" "qimg s" "ratio" "output"
+printf '%-22s %12s %12s %8s  %s\n' "---------" "----------" "------" "-----" "------"
+for r in "${rows[@]}"; do
+    echo "$r"
+done
+echo
+echo "ratio = qemu-img seconds / qimg seconds (above 1: qimg is faster)"
