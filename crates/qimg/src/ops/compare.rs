@@ -56,16 +56,28 @@ pub fn compare(a: &dyn Image, b: &dyn Image, strict: bool) -> Result<Comparison>
     let mut bb = crate::buf::AlignedBuf::new(CHUNK as usize);
     let mut pos = 0u64;
     while pos < common {
-        let n = CHUNK.min(common - pos);
-        let sa = chain_status(a, pos, n)?;
-        let sb = chain_status(b, pos, sa.len)?;
-        let n = sb.len;
-        if strict && sa.present != sb.present {
-            return Ok(Comparison {
-                outcome: CompareOutcome::StrictStatusMismatch(pos),
-                size_mismatch: false,
-            });
+        // Each image is asked about the rest of itself, as qemu-img does, so that strict
+        // mode sees the same flags (including "reaches the end of the image").
+        let sa = chain_status(a, pos, la - pos)?;
+        let sb = chain_status(b, pos, lb - pos)?;
+        if strict {
+            let flags = |s: &crate::image::ChainExtent, len: u64| {
+                (
+                    s.present,
+                    s.data,
+                    s.zero,
+                    s.offset.is_some(),
+                    pos + s.len == len,
+                )
+            };
+            if flags(&sa, la) != flags(&sb, lb) {
+                return Ok(Comparison {
+                    outcome: CompareOutcome::StrictStatusMismatch(pos),
+                    size_mismatch: false,
+                });
+            }
         }
+        let n = sa.len.min(sb.len).min(common - pos).min(CHUNK);
         let za = sa.zero && !sa.data;
         let zb = sb.zero && !sb.data;
         if !(za && zb) {
