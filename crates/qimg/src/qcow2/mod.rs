@@ -7,6 +7,7 @@
 mod cache;
 pub mod compress;
 pub mod create;
+pub mod measure;
 pub mod writer;
 
 use crate::error::{Error, Result};
