@@ -1,0 +1,1 @@
+//! Size estimates for `qemu-img measure`.
