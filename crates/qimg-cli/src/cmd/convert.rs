@@ -449,7 +449,15 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     let fresh = !o.no_create;
     if fresh {
         if let Err(c) = crate::cmd::create::create_image(
-            ctx, &fmt, &o.target, total, &o.options, None, None, true,
+            ctx,
+            &fmt,
+            &o.target,
+            Some(total),
+            &o.options,
+            None,
+            None,
+            true,
+            true,
         ) {
             return c;
         }

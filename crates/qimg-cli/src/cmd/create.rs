@@ -142,45 +142,348 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<CreateOpts> {
 /// Runs `create`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => create_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
 }
 
+/// qcow2 creation options in the order qemu-img lists and prints them.
+const QCOW2_OPTS: &[(&str, &str)] = &[
+    ("size", "size"),
+    ("compat", "str"),
+    ("backing_file", "str"),
+    ("backing_fmt", "str"),
+    ("data_file", "str"),
+    ("data_file_raw", "bool"),
+    ("encryption", "bool"),
+    ("encrypt.format", "str"),
+    ("cluster_size", "size"),
+    ("extended_l2", "bool"),
+    ("preallocation", "str"),
+    ("lazy_refcounts", "bool"),
+    ("refcount_bits", "number"),
+    ("compression_type", "str"),
+    ("nocow", "bool"),
+    ("extent_size_hint", "size"),
+];
+
+/// The order of the "Formatting ..." line for qcow2 (qemu's merged option list order).
+const QCOW2_PRINT_ORDER: &[&str] = &[
+    "cluster_size",
+    "extended_l2",
+    "preallocation",
+    "compression_type",
+    "size",
+    "compat",
+    "backing_file",
+    "backing_fmt",
+    "data_file",
+    "data_file_raw",
+    "encryption",
+    "encrypt.format",
+    "lazy_refcounts",
+    "refcount_bits",
+    "nocow",
+    "extent_size_hint",
+];
+
+const RAW_OPTS: &[(&str, &str)] = &[
+    ("size", "size"),
+    ("preallocation", "str"),
+    ("nocow", "bool"),
+    ("extent_size_hint", "size"),
+];
+
 /// Lists the creation options of a format (`-o help`).
 pub fn print_options_help(ctx: &Ctx, fmt: &str) -> i32 {
-    ctx.error(&format!(
-        "-o help for format '{fmt}' is not implemented in qimg yet"
-    ));
-    1
+    let help: &[(&str, &str)] = match fmt {
+        "qcow2" => &[
+            ("backing_file=<str>", "File name of a base image"),
+            ("backing_fmt=<str>", "Image format of the base image"),
+            ("cluster_size=<size>", "qcow2 cluster size"),
+            (
+                "compat=<str>",
+                "Compatibility level (v2 [0.10] or v3 [1.1])",
+            ),
+            (
+                "compression_type=<str>",
+                "Compression method used for image cluster compression",
+            ),
+            ("data_file=<str>", "File name of an external data file"),
+            (
+                "data_file_raw=<bool (on/off)>",
+                "The external data file must stay valid as a raw image",
+            ),
+            ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
+            (
+                "extent_size_hint=<size>",
+                "Extent size hint for the image file, 0 to disable",
+            ),
+            (
+                "lazy_refcounts=<bool (on/off)>",
+                "Postpone refcount updates",
+            ),
+            (
+                "nocow=<bool (on/off)>",
+                "Turn off copy-on-write (valid only on btrfs)",
+            ),
+            (
+                "preallocation=<str>",
+                "Preallocation mode (allowed values: off, metadata, falloc, full)",
+            ),
+            (
+                "refcount_bits=<num>",
+                "Width of a reference count entry in bits",
+            ),
+            ("size=<size>", "Virtual disk size"),
+        ],
+        "raw" => &[
+            (
+                "extent_size_hint=<size>",
+                "Extent size hint for the image file, 0 to disable",
+            ),
+            (
+                "nocow=<bool (on/off)>",
+                "Turn off copy-on-write (valid only on btrfs)",
+            ),
+            (
+                "preallocation=<str>",
+                "Preallocation mode (allowed values: off, falloc, full)",
+            ),
+            ("size=<size>", "Virtual disk size"),
+        ],
+        _ => {
+            ctx.error(&format!("Unknown file format '{fmt}'"));
+            return 1;
+        }
+    };
+    let mut out = String::from("Supported options:\n");
+    for (k, d) in help {
+        out += &format!("  {k:<22} - {d}\n");
+    }
+    crate::ctx::print_ignore(&out);
+    0
 }
 
-/// Creates an image file of format `fmt` and `size` bytes with `-o` options; convert
-/// and create share this. With `quiet`, nothing is printed.
+/// One validated `-o` value with the text qemu prints for it.
+struct OptVal {
+    key: String,
+    shown: String,
+}
+
+/// Parses `-o` pairs against a format's option table, with QEMU's messages.
+fn check_opts(pairs: &[(String, String)], table: &[(&str, &str)]) -> Result<Vec<OptVal>, String> {
+    let mut out: Vec<OptVal> = Vec::new();
+    for (k, v) in pairs {
+        let Some((_, ty)) = table.iter().find(|(n, _)| n == k) else {
+            return Err(format!("Invalid parameter '{k}'"));
+        };
+        let shown = match *ty {
+            "bool" => match v.as_str() {
+                "on" | "off" => v.clone(),
+                _ => return Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+            },
+            "size" => match crate::opts::parse_size(v) {
+                Ok(n) => n.to_string(),
+                Err(_) => return Err(crate::opts::option_size_error(k)),
+            },
+            "number" => match v.parse::<u64>() {
+                Ok(n) => n.to_string(),
+                Err(_) => return Err(format!("Parameter '{k}' expects a number")),
+            },
+            _ => v.clone(),
+        };
+        out.retain(|o| o.key != *k);
+        out.push(OptVal {
+            key: k.clone(),
+            shown,
+        });
+    }
+    Ok(out)
+}
+
+fn get<'a>(v: &'a [OptVal], k: &str) -> Option<&'a str> {
+    v.iter().find(|o| o.key == k).map(|o| o.shown.as_str())
+}
+
+fn create_cmd(ctx: &Ctx, o: &CreateOpts) -> i32 {
+    let fmt = o.format.clone().unwrap_or_else(|| "raw".into());
+    if o.help_requested || o.options.has_help() {
+        return print_options_help(ctx, &fmt);
+    }
+    match create_image(
+        ctx,
+        &fmt,
+        &o.filename,
+        o.size,
+        &o.options,
+        o.backing.as_deref(),
+        o.backing_format.as_deref(),
+        o.quiet,
+        o.backing_unsafe,
+    ) {
+        Ok(()) => 0,
+        Err(c) => c,
+    }
+}
+
+/// Creates an image file of format `fmt` with `-o` options, printing the
+/// "Formatting ..." line unless `quiet`; convert and create share this. Errors are
+/// printed as qemu-img prints them (`<prog>: <file>: <why>`).
 #[allow(clippy::too_many_arguments)]
 pub fn create_image(
     ctx: &Ctx,
     fmt: &str,
     filename: &str,
-    size: u64,
+    size: Option<u64>,
     options: &crate::opts::OptionList,
     backing: Option<&str>,
     backing_fmt: Option<&str>,
     quiet: bool,
+    backing_unsafe: bool,
 ) -> Result<(), i32> {
-    let _ = (options, backing, backing_fmt, quiet);
-    match fmt {
-        "raw" => std::fs::File::create(filename)
-            .and_then(|f| f.set_len(size))
-            .map_err(|e| {
-                ctx.error(&format!("{filename}: {}", qimg::error::strerror(&e)));
-                1
-            }),
-        _ => {
-            ctx.error(&format!(
-                "Creating '{fmt}' images is not implemented in qimg yet"
-            ));
-            Err(1)
+    use qimg::ondisk::header::CompressionType;
+    use qimg::qcow2::create::{create_qcow2, create_raw, Compat, CreateOptions, Preallocation};
+    let fail = |m: &str| {
+        ctx.error(&format!("{filename}: {m}"));
+        1
+    };
+    let table = match fmt {
+        "qcow2" => QCOW2_OPTS,
+        "raw" => RAW_OPTS,
+        _ => return Err(fail(&format!("Unknown file format '{fmt}'"))),
+    };
+    let mut pairs = options.pairs();
+    if let Some(b) = backing {
+        pairs.push(("backing_file".into(), b.into()));
+    }
+    if let Some(f) = backing_fmt {
+        pairs.push(("backing_fmt".into(), f.into()));
+    }
+    let vals = check_opts(&pairs, table).map_err(|m| fail(&m))?;
+    if fmt == "raw" && (backing.is_some() || backing_fmt.is_some()) {
+        return Err(fail("Backing file not supported for file format 'raw'"));
+    }
+    let mut size = size.or_else(|| get(&vals, "size").and_then(|s| s.parse().ok()));
+    let backing_file = get(&vals, "backing_file").map(str::to_string);
+    let backing_format = get(&vals, "backing_fmt").map(str::to_string);
+    if let Some(bf) = &backing_file {
+        if backing_format.is_none() {
+            let bpath = qimg::open::resolve_relative(std::path::Path::new(filename), bf);
+            let mut msg = "Backing file specified without backing format".to_string();
+            if let Ok(st) = qimg::storage::FileStorage::open(&bpath, false) {
+                if let Ok(f) = qimg::open::probe(&st) {
+                    msg += &format!("\nDetected format of {f}.");
+                }
+            }
+            return Err(fail(&msg));
+        }
+        if !backing_unsafe {
+            let bpath = qimg::open::resolve_relative(std::path::Path::new(filename), bf);
+            let opts = qimg::open::OpenOptions {
+                format: backing_format.clone(),
+                force_share: true,
+                ..Default::default()
+            };
+            match qimg::open::open_image(&bpath, &opts) {
+                Ok(img) => {
+                    if size.is_none() {
+                        size = Some(img.len());
+                    }
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    let shown = if e.starts_with("Could not open '") {
+                        e
+                    } else {
+                        format!("Could not open '{bf}': {e}")
+                    };
+                    return Err(fail(&format!("{shown}\nCould not open backing image.")));
+                }
+            }
         }
     }
+    let Some(size) = size else {
+        return Err(fail("Image creation needs a size parameter"));
+    };
+    // The "Formatting" line, with the options qemu-img shows.
+    let size_r = size.div_ceil(512) * 512;
+    let mut line = format!("Formatting '{filename}', fmt={fmt}");
+    if fmt == "qcow2" {
+        let defaults: &[(&str, String)] = &[
+            ("cluster_size", "65536".into()),
+            ("extended_l2", "off".into()),
+            ("compression_type", "zlib".into()),
+            ("size", size_r.to_string()),
+            ("lazy_refcounts", "off".into()),
+            ("refcount_bits", "16".into()),
+        ];
+        for k in QCOW2_PRINT_ORDER {
+            let v = if *k == "size" {
+                Some(size.to_string())
+            } else {
+                get(&vals, k).map(str::to_string).or_else(|| {
+                    defaults
+                        .iter()
+                        .find(|(d, _)| d == k)
+                        .map(|(_, v)| v.clone())
+                })
+            };
+            if let Some(v) = v {
+                line += &format!(" {k}={v}");
+            }
+        }
+    } else {
+        line += &format!(" size={size}");
+        for k in ["preallocation", "nocow", "extent_size_hint"] {
+            if let Some(v) = get(&vals, k) {
+                line += &format!(" {k}={v}");
+            }
+        }
+    }
+    if !quiet {
+        crate::ctx::print_ignore(&format!("{line}\n"));
+    }
+    let prealloc = match get(&vals, "preallocation") {
+        None => Preallocation::Off,
+        Some(p) => Preallocation::parse(p).map_err(|e| fail(&e.to_string()))?,
+    };
+    let path = std::path::Path::new(filename);
+    if fmt == "raw" {
+        return create_raw(path, size_r, prealloc).map_err(|e| fail(&e.to_string()));
+    }
+    let mut co = CreateOptions {
+        size,
+        preallocation: prealloc,
+        ..Default::default()
+    };
+    if let Some(c) = get(&vals, "compat") {
+        co.compat = Compat::parse(c).map_err(|e| fail(&e.to_string()))?;
+    }
+    if let Some(c) = get(&vals, "cluster_size") {
+        co.cluster_size = c.parse().unwrap_or(0);
+    }
+    if let Some(r) = get(&vals, "refcount_bits") {
+        co.refcount_bits = r.parse().unwrap_or(0);
+    }
+    co.extended_l2 = get(&vals, "extended_l2") == Some("on");
+    co.lazy_refcounts = get(&vals, "lazy_refcounts") == Some("on");
+    co.data_file_raw = get(&vals, "data_file_raw") == Some("on");
+    co.data_file = get(&vals, "data_file").map(str::to_string);
+    co.backing_file = backing_file;
+    co.backing_fmt = backing_format;
+    co.compression_type = match get(&vals, "compression_type") {
+        None | Some("zlib") => CompressionType::Zlib,
+        Some("zstd") => CompressionType::Zstd,
+        Some(other) => {
+            return Err(fail(&format!(
+                "Parameter 'compression-type' does not accept value '{other}'"
+            )))
+        }
+    };
+    if get(&vals, "encryption") == Some("on") || get(&vals, "encrypt.format").is_some() {
+        return Err(fail("Encrypted images are not supported by qimg yet"));
+    }
+    co.validate().map_err(|e| fail(&e.to_string()))?;
+    create_qcow2(path, &co).map_err(|e| fail(&e.to_string()))
 }
