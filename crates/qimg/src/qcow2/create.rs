@@ -193,7 +193,7 @@ pub fn refcount_metadata_clusters(
     generous: bool,
 ) -> (u64, u64) {
     let per_table_cluster = cluster_size / 8;
-    let per_block = cluster_size * 8 >> refcount_order;
+    let per_block = (cluster_size * 8) >> refcount_order;
     let mut clusters = clusters;
     let mut generous = generous;
     let (mut blocks, mut table) = (0u64, 0u64);
