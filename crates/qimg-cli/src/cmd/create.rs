@@ -148,7 +148,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 /// qcow2 creation options in the order qemu-img lists and prints them.
-const QCOW2_OPTS: &[(&str, &str)] = &[
+pub(crate) const QCOW2_OPTS: &[(&str, &str)] = &[
     ("size", "size"),
     ("compat", "str"),
     ("backing_file", "str"),
@@ -187,7 +187,7 @@ const QCOW2_PRINT_ORDER: &[&str] = &[
     "extent_size_hint",
 ];
 
-const RAW_OPTS: &[(&str, &str)] = &[
+pub(crate) const RAW_OPTS: &[(&str, &str)] = &[
     ("size", "size"),
     ("preallocation", "str"),
     ("nocow", "bool"),
@@ -266,13 +266,16 @@ pub fn print_options_help(ctx: &Ctx, fmt: &str) -> i32 {
 }
 
 /// One validated `-o` value with the text qemu prints for it.
-struct OptVal {
+pub(crate) struct OptVal {
     key: String,
     shown: String,
 }
 
 /// Parses `-o` pairs against a format's option table, with QEMU's messages.
-fn check_opts(pairs: &[(String, String)], table: &[(&str, &str)]) -> Result<Vec<OptVal>, String> {
+pub(crate) fn check_opts(
+    pairs: &[(String, String)],
+    table: &[(&str, &str)],
+) -> Result<Vec<OptVal>, String> {
     let mut out: Vec<OptVal> = Vec::new();
     for (k, v) in pairs {
         let Some((_, ty)) = table.iter().find(|(n, _)| n == k) else {
@@ -302,7 +305,7 @@ fn check_opts(pairs: &[(String, String)], table: &[(&str, &str)]) -> Result<Vec<
     Ok(out)
 }
 
-fn get<'a>(v: &'a [OptVal], k: &str) -> Option<&'a str> {
+pub(crate) fn get<'a>(v: &'a [OptVal], k: &str) -> Option<&'a str> {
     v.iter().find(|o| o.key == k).map(|o| o.shown.as_str())
 }
 
@@ -342,8 +345,7 @@ pub fn create_image(
     quiet: bool,
     backing_unsafe: bool,
 ) -> Result<(), i32> {
-    use qimg::ondisk::header::CompressionType;
-    use qimg::qcow2::create::{create_qcow2, create_raw, Compat, CreateOptions, Preallocation};
+    use qimg::qcow2::create::{create_qcow2, create_raw, Preallocation};
     let fail = |m: &str| {
         ctx.error(&format!("{filename}: {m}"));
         1
@@ -452,38 +454,53 @@ pub fn create_image(
     if fmt == "raw" {
         return create_raw(path, size_r, prealloc).map_err(|e| fail(&e.to_string()));
     }
-    let mut co = CreateOptions {
-        size,
-        preallocation: prealloc,
-        ..Default::default()
-    };
-    if let Some(c) = get(&vals, "compat") {
-        co.compat = Compat::parse(c).map_err(|e| fail(&e.to_string()))?;
-    }
-    if let Some(c) = get(&vals, "cluster_size") {
-        co.cluster_size = c.parse().unwrap_or(0);
-    }
-    if let Some(r) = get(&vals, "refcount_bits") {
-        co.refcount_bits = r.parse().unwrap_or(0);
-    }
-    co.extended_l2 = get(&vals, "extended_l2") == Some("on");
-    co.lazy_refcounts = get(&vals, "lazy_refcounts") == Some("on");
-    co.data_file_raw = get(&vals, "data_file_raw") == Some("on");
-    co.data_file = get(&vals, "data_file").map(str::to_string);
-    co.backing_file = backing_file;
+    let backing_file_keep = backing_file;
+    let mut co = qcow2_options(&vals, size, prealloc).map_err(|m| fail(&m))?;
+    co.backing_file = backing_file_keep;
     co.backing_fmt = backing_format;
-    co.compression_type = match get(&vals, "compression_type") {
-        None | Some("zlib") => CompressionType::Zlib,
-        Some("zstd") => CompressionType::Zstd,
-        Some(other) => {
-            return Err(fail(&format!(
-                "Parameter 'compression-type' does not accept value '{other}'"
-            )))
-        }
-    };
     if get(&vals, "encryption") == Some("on") || get(&vals, "encrypt.format").is_some() {
         return Err(fail("Encrypted images are not supported by qimg yet"));
     }
     co.validate().map_err(|e| fail(&e.to_string()))?;
     create_qcow2(path, &co).map_err(|e| fail(&e.to_string()))
+}
+
+/// Builds qcow2 creation options from checked `-o` values (qemu's messages on error).
+pub(crate) fn qcow2_options(
+    vals: &[OptVal],
+    size: u64,
+    prealloc: qimg::qcow2::create::Preallocation,
+) -> Result<qimg::qcow2::create::CreateOptions, String> {
+    use qimg::ondisk::header::CompressionType;
+    use qimg::qcow2::create::{Compat, CreateOptions};
+    let mut co = CreateOptions {
+        size,
+        preallocation: prealloc,
+        ..Default::default()
+    };
+    if let Some(c) = get(vals, "compat") {
+        co.compat = Compat::parse(c).map_err(|e| e.to_string())?;
+    }
+    if let Some(c) = get(vals, "cluster_size") {
+        co.cluster_size = c.parse().unwrap_or(0);
+    }
+    if let Some(r) = get(vals, "refcount_bits") {
+        co.refcount_bits = r.parse().unwrap_or(0);
+    }
+    co.extended_l2 = get(vals, "extended_l2") == Some("on");
+    co.lazy_refcounts = get(vals, "lazy_refcounts") == Some("on");
+    co.data_file_raw = get(vals, "data_file_raw") == Some("on");
+    co.data_file = get(vals, "data_file").map(str::to_string);
+    co.backing_file = get(vals, "backing_file").map(str::to_string);
+    co.backing_fmt = get(vals, "backing_fmt").map(str::to_string);
+    co.compression_type = match get(vals, "compression_type") {
+        None | Some("zlib") => CompressionType::Zlib,
+        Some("zstd") => CompressionType::Zstd,
+        Some(other) => {
+            return Err(format!(
+                "Parameter 'compression-type' does not accept value '{other}'"
+            ))
+        }
+    };
+    Ok(co)
 }

@@ -160,7 +160,112 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MeasureOpts> {
 /// Runs `measure`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => measure_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+fn measure_cmd(ctx: &Ctx, o: &MeasureOpts) -> i32 {
+    use crate::cmd::common::{image_spec, open, ro_options};
+    use crate::cmd::create::{check_opts, get, qcow2_options, QCOW2_OPTS, RAW_OPTS};
+    use qimg::qcow2::create::Preallocation;
+    use qimg::qcow2::measure::{measure_qcow2, measure_raw, source_usage};
+    let fmt = o.target_format.clone().unwrap_or_else(|| "raw".into());
+    if o.options.has_help() {
+        return crate::cmd::create::print_options_help(ctx, &fmt);
+    }
+    let table = match fmt.as_str() {
+        "qcow2" => QCOW2_OPTS,
+        "raw" => RAW_OPTS,
+        _ => {
+            ctx.error(&format!("Unknown file format '{fmt}'"));
+            return 1;
+        }
+    };
+    let vals = match check_opts(&o.options.pairs(), table) {
+        Ok(v) => v,
+        Err(m) => {
+            ctx.error(&m);
+            ctx.error(&format!("Invalid options for file format '{fmt}'"));
+            return 1;
+        }
+    };
+    let prealloc = match get(&vals, "preallocation") {
+        None => Preallocation::Off,
+        Some(p) => match Preallocation::parse(p) {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.error(&e.to_string());
+                return 1;
+            }
+        },
+    };
+    let cs = get(&vals, "cluster_size")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(65536u64);
+    let usage = match &o.filename {
+        Some(f) => {
+            let (f, format) = match image_spec(ctx, f, o.format.clone(), o.image_opts) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
+            let mut opts = ro_options(format, o.force_share);
+            opts.snapshot = o.snapshot.as_ref().map(|s| match s {
+                SnapshotParam::IdOrName(x) => qimg::open::SnapshotSel::IdOrName(x.clone()),
+                SnapshotParam::Options { id, name } => qimg::open::SnapshotSel::Exact {
+                    id: id.clone(),
+                    name: name.clone(),
+                },
+            });
+            let img = match open(ctx, &f, &opts) {
+                Ok(i) => i,
+                Err(c) => return c,
+            };
+            match source_usage(img.as_ref(), if fmt == "qcow2" { cs } else { 512 }) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    ctx.error(&e.to_string());
+                    return 1;
+                }
+            }
+        }
+        None => None,
+    };
+    let size = o.size.unwrap_or(0);
+    let r = if fmt == "qcow2" {
+        qcow2_options(&vals, size, prealloc)
+            .and_then(|co| measure_qcow2(size, &co, usage.as_ref()).map_err(|e| e.to_string()))
+    } else {
+        measure_raw(size, usage.as_ref()).map_err(|e| e.to_string())
+    };
+    let info = match r {
+        Ok(i) => i,
+        Err(m) => {
+            ctx.error(&m);
+            return 1;
+        }
+    };
+    let out = match o.output {
+        OutputFormat::Json => {
+            let mut m = serde_json::Map::new();
+            m.insert("required".into(), serde_json::json!(info.required));
+            m.insert("fully-allocated".into(), serde_json::json!(info.fully_allocated));
+            if let Some(b) = info.bitmaps {
+                m.insert("bitmaps".into(), serde_json::json!(b));
+            }
+            crate::fmt::to_json_pretty(&serde_json::Value::Object(m))
+        }
+        OutputFormat::Human => {
+            let mut s = format!(
+                "required size: {}\nfully allocated size: {}\n",
+                info.required, info.fully_allocated
+            );
+            if let Some(b) = info.bitmaps {
+                s += &format!("bitmaps size: {b}\n");
+            }
+            s
+        }
+    };
+    crate::ctx::print_ignore(&out);
+    0
 }
