@@ -388,31 +388,10 @@ impl Qcow2Writer {
             }
         }
 
-        // A new refcount structure at the end of the file that also covers itself.
         let order = self.header.refcount_order;
         let per_block = refcount::entries_per_block(self.cluster_bits, order);
-        let (mut nb, mut rt) = (0u64, 0u64);
-        loop {
-            let total = end_clusters + nb + rt;
-            let nb2 = total.div_ceil(per_block);
-            let rt2 = (nb2 * 8).div_ceil(cs).max(1);
-            if (nb2, rt2) == (nb, rt) {
-                break;
-            }
-            (nb, rt) = (nb2, rt2);
-        }
-        if rt * cs > super::MAX_REFTABLE_BYTES {
-            return Err(Error::invalid("Reference count table too large"));
-        }
-        refs.resize((end_clusters + nb + rt) as usize, 0);
-        for c in end_clusters..end_clusters + nb + rt {
-            refs[c as usize] += 1;
-        }
         let max = refcount::max(order);
-        let rb_start = end_clusters * cs;
-        let rt_start = rb_start + nb * cs;
-        let mut table = vec![0u8; (rt * cs) as usize];
-        for b in 0..nb {
+        let block_for = |refs: &[u64], b: u64| -> Result<Vec<u8>> {
             let mut block = vec![0u8; cs as usize];
             let first = b * per_block;
             for i in 0..per_block {
@@ -428,19 +407,108 @@ impl Qcow2Writer {
                 }
                 refcount::set(&mut block, order, i as usize, r);
             }
-            self.file.write_at(&block, rb_start + b * cs)?;
-            put64(&mut table, (b * 8) as usize, rb_start + b * cs);
+            Ok(block)
+        };
+
+        // Prefer the refcount structure the image already has (as qemu-img leaves it
+        // after create): rewrite its blocks in place and append only missing blocks, so
+        // the file ends up as long as QEMU's. Fall back to a new structure at the end
+        // when the existing table is too small.
+        let old_rt = self.header.refcount_table_offset;
+        let old_rt_clusters = self.header.refcount_table_clusters as u64;
+        let mut table_bytes = vec![0u8; (old_rt_clusters * cs) as usize];
+        self.file.read_at(&mut table_bytes, old_rt)?;
+        let old_table: Vec<u64> = table_bytes
+            .chunks_exact(8)
+            .map(|c| crate::ondisk::be64(c, 0) & refcount::REFTABLE_OFFSET_MASK)
+            .collect();
+        let usable = |off: u64| off != 0 && off % cs == 0 && off / cs < end_clusters;
+        let mut reuse_refs = refs.clone();
+        for k in 0..old_rt_clusters {
+            if let Some(r) = reuse_refs.get_mut((old_rt / cs + k) as usize) {
+                *r += 1;
+            }
         }
-        self.file.write_at(&table, rt_start)?;
-        flush(self.file.as_ref())?;
-        if let Some(d) = &self.data_file {
-            flush(d.as_ref())?;
+        for &off in &old_table {
+            if usable(off) {
+                reuse_refs[(off / cs) as usize] += 1;
+            }
         }
-        let mut hdr = [0u8; 12];
-        put64(&mut hdr, 0, rt_start);
-        put32(&mut hdr, 8, rt as u32);
-        self.file.write_at(&hdr, 48)?;
-        flush(self.file.as_ref())?;
+        let mut new_blocks: Vec<u64> = Vec::new();
+        let reuse_ok = old_rt % cs == 0 && old_rt / cs + old_rt_clusters <= end_clusters && {
+            loop {
+                let total = end_clusters + new_blocks.len() as u64;
+                let need = total.div_ceil(per_block);
+                if need > old_table.len() as u64 {
+                    break false;
+                }
+                let missing: Vec<u64> = (0..need).filter(|&i| !usable(old_table[i as usize])).collect();
+                if missing.len() == new_blocks.len() {
+                    new_blocks = missing;
+                    break true;
+                }
+                new_blocks = missing;
+            }
+        };
+        if reuse_ok {
+            let mut refs = reuse_refs;
+            refs.resize((end_clusters + new_blocks.len() as u64) as usize, 0);
+            let mut table = old_table.clone();
+            for (k, &i) in new_blocks.iter().enumerate() {
+                let at = end_clusters + k as u64;
+                refs[at as usize] += 1;
+                table[i as usize] = at * cs;
+            }
+            let nb = (end_clusters + new_blocks.len() as u64).div_ceil(per_block);
+            for b in 0..nb {
+                self.file.write_at(&block_for(&refs, b)?, table[b as usize])?;
+            }
+            for &i in &new_blocks {
+                let mut e = [0u8; 8];
+                put64(&mut e, 0, table[i as usize]);
+                self.file.write_at(&e, old_rt + i * 8)?;
+            }
+            flush(self.file.as_ref())?;
+            if let Some(d) = &self.data_file {
+                flush(d.as_ref())?;
+            }
+        } else {
+            // A new refcount structure at the end of the file that also covers itself.
+            let (mut nb, mut rt) = (0u64, 0u64);
+            loop {
+                let total = end_clusters + nb + rt;
+                let nb2 = total.div_ceil(per_block);
+                let rt2 = (nb2 * 8).div_ceil(cs).max(1);
+                if (nb2, rt2) == (nb, rt) {
+                    break;
+                }
+                (nb, rt) = (nb2, rt2);
+            }
+            if rt * cs > super::MAX_REFTABLE_BYTES {
+                return Err(Error::invalid("Reference count table too large"));
+            }
+            refs.resize((end_clusters + nb + rt) as usize, 0);
+            for c in end_clusters..end_clusters + nb + rt {
+                refs[c as usize] += 1;
+            }
+            let rb_start = end_clusters * cs;
+            let rt_start = rb_start + nb * cs;
+            let mut table = vec![0u8; (rt * cs) as usize];
+            for b in 0..nb {
+                self.file.write_at(&block_for(&refs, b)?, rb_start + b * cs)?;
+                put64(&mut table, (b * 8) as usize, rb_start + b * cs);
+            }
+            self.file.write_at(&table, rt_start)?;
+            flush(self.file.as_ref())?;
+            if let Some(d) = &self.data_file {
+                flush(d.as_ref())?;
+            }
+            let mut hdr = [0u8; 12];
+            put64(&mut hdr, 0, rt_start);
+            put32(&mut hdr, 8, rt as u32);
+            self.file.write_at(&hdr, 48)?;
+            flush(self.file.as_ref())?;
+        }
         let mut l1buf = vec![0u8; st.l1.len() * 8];
         for (i, e) in st.l1.iter().enumerate() {
             put64(&mut l1buf, i * 8, *e);
