@@ -441,6 +441,10 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     }
     let total: u64 = sources.iter().map(|s| s.len()).sum();
     let fmt = o.output_format.clone().unwrap_or_else(|| "raw".into());
+    if fmt != "raw" && fmt != "qcow2" {
+        ctx.error(&format!("Unknown file format '{fmt}'"));
+        return 1;
+    }
     if o.compress && fmt != "qcow2" {
         ctx.error("Compression not supported for this file format");
         return 1;
@@ -526,7 +530,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     };
     if let Target::Image(t) = &target {
         if t.len() < total {
-            ctx.error("Output image is too small");
+            ctx.error("output file is smaller than input file");
             return 1;
         }
     }

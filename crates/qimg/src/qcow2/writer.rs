@@ -22,9 +22,6 @@ use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-/// Clusters reserved at once for packing compressed streams.
-const COMPRESSED_REGION_CLUSTERS: u64 = 16;
-
 /// Appends data to a qcow2 image opened for conversion.
 pub struct Qcow2Writer {
     file: Arc<dyn Storage>,
@@ -152,6 +149,12 @@ impl Qcow2Writer {
             ));
         }
         st.dirty.insert(l1i);
+        // A new table gets its cluster now, before the data that needs it, which is where
+        // QEMU puts it too (and keeps converted files as long as QEMU's).
+        if l2::l1_offset(st.l1[l1i as usize]) == 0 {
+            st.l1[l1i as usize] = st.next_free | COPIED;
+            st.next_free += self.cluster_size();
+        }
         let n = (self.cluster_size() / 8) as usize;
         Ok(st.l2.entry(l1i).or_insert_with(|| vec![0u64; n]))
     }
@@ -171,8 +174,9 @@ impl Qcow2Writer {
                 let w = self.words_per_entry();
                 let ext = self.ext_l2;
                 let has_df = self.data_file.is_some();
+                self.table(&mut st, l1i)?;
                 let mut next_free = st.next_free;
-                let t = self.table(&mut st, l1i)?;
+                let t = st.l2.get_mut(&l1i).expect("table() created it");
                 let e = t[l2i * w];
                 let host = match l2::classify(e, ext, has_df) {
                     ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) if e & COPIED != 0 => h,
@@ -185,7 +189,10 @@ impl Qcow2Writer {
                 };
                 t[l2i * w] = host | COPIED;
                 if ext {
-                    t[l2i * w + 1] = 0xffff_ffff;
+                    // A short last cluster allocates only the subclusters it covers.
+                    let len = (data.len() as u64 - i * cs).min(cs);
+                    let subs = len.div_ceil(cs / 32);
+                    t[l2i * w + 1] = if subs >= 32 { 0xffff_ffff } else { (1u64 << subs) - 1 };
                 }
                 st.next_free = next_free;
                 hosts.push(host);
@@ -229,20 +236,20 @@ impl Qcow2Writer {
         let cs = self.cluster_size();
         let off = {
             let mut st = self.state.lock().unwrap();
+            let (l1i, _) = self.entry_index(guest);
+            self.table(&mut st, l1i)?;
             let (mut pos, mut end) = st.compressed_pos.unwrap_or((0, 0));
             let len = c.len() as u64;
             if pos == 0 || pos + len > end {
-                if pos != 0 && end == st.next_free {
-                    // Straddle into the clusters right after the current region.
-                    while pos + len > end {
-                        end += cs;
-                    }
-                } else {
-                    // Other threads allocated behind the region: open a new one. Regions
-                    // span several clusters so that parallel writers rarely strand a
-                    // region's tail; unused tail clusters stay unreferenced and unwritten.
+                // Streams are packed back to back and may run into the next cluster when
+                // that is the next one allocated (as QEMU packs them); otherwise start a
+                // fresh cluster.
+                if pos == 0 || end != st.next_free {
                     pos = st.next_free;
-                    end = pos + COMPRESSED_REGION_CLUSTERS * cs;
+                    end = pos;
+                }
+                while pos + len > end {
+                    end += cs;
                 }
                 st.next_free = end;
             }
