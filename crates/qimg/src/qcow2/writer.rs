@@ -217,6 +217,105 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Writes the non-zero parts of `data` (cluster-aligned at `guest`), detected in blocks
+    /// of `gran` bytes within each cluster, onto a target that reads as zeros: clusters
+    /// without data stay unallocated, and zero blocks inside a written cluster are left
+    /// unwritten (holes in the file; unallocated subclusters with extended L2), as
+    /// qemu-img's sparse convert leaves them.
+    pub fn write_sparse(&self, guest: u64, data: &[u8], gran: usize) -> Result<()> {
+        let cs = self.cluster_size() as usize;
+        debug_assert_eq!(guest % cs as u64, 0);
+        let gran = gran.clamp(1, cs);
+        // Non-zero runs per cluster, relative to `data`.
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (cluster index, start, end)
+        for (ci, cl) in data.chunks(cs).enumerate() {
+            let base = ci * cs;
+            let mut off = 0;
+            while off < cl.len() {
+                let end = (off + gran).min(cl.len());
+                if !is_zero(&cl[off..end]) {
+                    match runs.last_mut() {
+                        Some((c, _, e)) if *c == ci && *e == base + off => *e = base + end,
+                        _ => runs.push((ci, base + off, base + end)),
+                    }
+                }
+                off = end;
+            }
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let sub = (cs / 32).max(1);
+        let mut hosts: Vec<(usize, u64)> = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            let w = self.words_per_entry();
+            let ext = self.ext_l2;
+            let has_df = self.data_file.is_some();
+            for &(ci, a, b) in &runs {
+                let g = guest + (ci * cs) as u64;
+                let (l1i, l2i) = self.entry_index(g);
+                self.table(&mut st, l1i)?;
+                let host = match hosts.last() {
+                    Some(&(c, h)) if c == ci => h,
+                    _ => {
+                        let mut next_free = st.next_free;
+                        let t = st.l2.get_mut(&l1i).expect("table() created it");
+                        let e = t[l2i * w];
+                        let h = match l2::classify(e, ext, has_df) {
+                            ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) if e & COPIED != 0 => h,
+                            _ if has_df => g,
+                            _ => {
+                                let h = next_free;
+                                next_free += cs as u64;
+                                h
+                            }
+                        };
+                        t[l2i * w] = h | COPIED;
+                        if ext {
+                            t[l2i * w + 1] = 0;
+                        }
+                        st.next_free = next_free;
+                        hosts.push((ci, h));
+                        h
+                    }
+                };
+                let _ = host;
+                if ext {
+                    let t = st.l2.get_mut(&l1i).expect("table exists");
+                    let (ra, rb) = (a - ci * cs, b - ci * cs);
+                    for sc in ra / sub..rb.div_ceil(sub) {
+                        t[l2i * w + 1] |= 1 << sc;
+                    }
+                }
+            }
+        }
+        let target: &dyn Storage = match &self.data_file {
+            Some(d) => d.as_ref(),
+            None => self.file.as_ref(),
+        };
+        let host_of = |ci: usize| hosts.iter().find(|(c, _)| *c == ci).map(|(_, h)| *h).unwrap();
+        // Coalesce runs that are contiguous both in the guest and on the host.
+        let mut i = 0;
+        while i < runs.len() {
+            let (ci, a, mut b) = runs[i];
+            let h = host_of(ci) + (a - ci * cs) as u64;
+            let mut j = i + 1;
+            while j < runs.len() {
+                let (cj, aj, bj) = runs[j];
+                if aj == b && host_of(cj) + (aj - cj * cs) as u64 == h + (b - a) as u64 {
+                    b = bj;
+                    j += 1;
+                } else {
+                    break;
+                }
+            }
+            target.write_at(&data[a..b], h)?;
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Stores one cluster compressed (or uncompressed when that is not smaller), packing
     /// compressed streams at byte granularity as QEMU does.
     pub fn write_compressed(
@@ -528,4 +627,10 @@ impl Qcow2Writer {
     pub fn compression(&self) -> CompressionType {
         self.header.compression()
     }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets aligned bytes.
+    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
