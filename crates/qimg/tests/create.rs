@@ -433,3 +433,53 @@ fn raw_images() {
         }
     }
 }
+
+/// Seeded random combinations, to catch interactions the tables above do not list.
+#[test]
+fn random_combinations() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    for _ in 0..40 {
+        let cs_bits = 9 + next(13);
+        let rb = 1u64 << next(7);
+        let ext = cs_bits >= 14 && next(3) == 0;
+        let prealloc = ["off", "off", "metadata", "falloc", "full"][next(5) as usize];
+        let lazy = next(4) == 0;
+        let zstd = next(4) == 0;
+        let data = next(5) == 0;
+        let raw = data && next(2) == 0;
+        // Keep preallocated images small for slow 512-byte-cluster QEMU runs.
+        let max_shift = match prealloc {
+            "off" => 36,
+            "full" => 22,
+            _ if cs_bits < 12 => 22,
+            _ => 27,
+        };
+        let shift = next(max_shift);
+        // A power of two plus up to as much again, in 512-byte steps (0 for tiny sizes).
+        let size = (1u64 << shift) + next(1 << shift.saturating_sub(9).min(20)) * 512;
+        let mut o = format!("cluster_size={},refcount_bits={rb}", 1u64 << cs_bits);
+        if ext {
+            o.push_str(",extended_l2=on");
+        }
+        o.push_str(&format!(",preallocation={prealloc}"));
+        if lazy {
+            o.push_str(",lazy_refcounts=on");
+        }
+        if zstd {
+            o.push_str(",compression_type=zstd");
+        }
+        if data {
+            o.push_str(",data_file=d.raw");
+        }
+        if raw {
+            o.push_str(",data_file_raw=on");
+        }
+        check(&o, &size.to_string(), None);
+    }
+}

@@ -304,3 +304,30 @@ fn source_images() {
         check_source(&d.join(name), "raw", "");
     }
 }
+
+#[test]
+fn nonsense_arguments_are_errors_not_panics() {
+    use qimg::qcow2::create::{l1_entries, refcount_metadata_clusters};
+    use qimg::qcow2::measure::prealloc_size;
+    for cs in [0, 1, 3, 1000, 1 << 40, u64::MAX] {
+        let o = CreateOptions {
+            cluster_size: cs,
+            size: u64::MAX,
+            ..Default::default()
+        };
+        assert!(measure_qcow2(u64::MAX, &o, None).is_err());
+        assert!(o.validate().is_err());
+        let _ = l1_entries(u64::MAX, cs, true);
+        let _ = prealloc_size(u64::MAX, cs, 99, false);
+        let _ = refcount_metadata_clusters(u64::MAX, cs, 99, true);
+    }
+    for rb in [0, 3, 128, u64::MAX] {
+        let o = CreateOptions {
+            refcount_bits: rb,
+            ..Default::default()
+        };
+        assert!(o.validate().is_err());
+        assert!(measure_qcow2(1 << 30, &o, None).is_err());
+    }
+    assert!(measure_raw(u64::MAX, None).is_err());
+}

@@ -172,12 +172,17 @@ fn l2_entry_bytes(extended_l2: bool) -> u64 {
     }
 }
 
-/// Number of L1 entries qemu gives an image of `size` bytes (`size_to_l1`).
+/// Number of L1 entries qemu gives an image of `size` bytes (`size_to_l1`); `u64::MAX`
+/// for a cluster size that is not a power of two of at least 512 bytes.
 pub fn l1_entries(size: u64, cluster_size: u64, extended_l2: bool) -> u64 {
+    if !cluster_size.is_power_of_two() || cluster_size < 512 {
+        return u64::MAX;
+    }
     let l2_entries = cluster_size / l2_entry_bytes(extended_l2);
-    // Each L1 entry covers cluster_size * l2_entries bytes (at most 2^38 * 2^21 / 8 = 2^56
-    // for 2 MiB clusters, so this product cannot overflow).
-    size.div_ceil(cluster_size * l2_entries)
+    match cluster_size.checked_mul(l2_entries) {
+        Some(per_entry) => size.div_ceil(per_entry),
+        None => u64::from(size > 0),
+    }
 }
 
 /// Refcount blocks and refcount table clusters needed to count `clusters` clusters plus
@@ -192,8 +197,9 @@ pub fn refcount_metadata_clusters(
     refcount_order: u32,
     generous: bool,
 ) -> (u64, u64) {
-    let per_table_cluster = cluster_size / 8;
-    let per_block = (cluster_size * 8) >> refcount_order;
+    // Clamped so that nonsensical arguments give nonsense, not a panic.
+    let per_table_cluster = (cluster_size / 8).max(1);
+    let per_block = (cluster_size.saturating_mul(8) >> refcount_order.min(63)).max(1);
     let mut clusters = clusters;
     let mut generous = generous;
     let (mut blocks, mut table) = (0u64, 0u64);

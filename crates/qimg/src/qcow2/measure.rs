@@ -145,6 +145,16 @@ pub fn measure_raw(size: u64, source: Option<&SourceUsage>) -> Result<MeasureInf
     })
 }
 
+fn check_cluster_size(cs: u64) -> Result<()> {
+    if cs.is_power_of_two() && (512..=2 << 20).contains(&cs) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "Cluster size must be a power of two between 512 and 2048k".into(),
+        ))
+    }
+}
+
 /// The layer `depth` steps down the backing chain of `top`.
 fn layer_at(top: &dyn Image, depth: u32) -> Option<&dyn Image> {
     let mut l = top;
@@ -161,6 +171,7 @@ fn layer_at(top: &dyn Image, depth: u32) -> Option<&dyn Image> {
 /// range is a hole in its file (or lies past its end) read as zeros and do not count —
 /// so metadata-preallocated sources count nothing.
 pub fn allocated_bytes(img: &dyn Image, cluster_size: u64) -> Result<u64> {
+    check_cluster_size(cluster_size)?;
     let size = img.len();
     let cs = cluster_size;
     let mut count = 0u64;
@@ -236,7 +247,7 @@ fn data_ranges(
 /// clusters: per bitmap its data clusters and its table rounded up to clusters, plus the
 /// directory rounded up to clusters.
 pub fn bitmaps_size(q: &Qcow2, cluster_size: u64) -> u64 {
-    let cs = cluster_size;
+    let cs = cluster_size.max(1);
     let size = q.len();
     let mut total = 0u64;
     let mut dir = 0u64;
@@ -253,6 +264,7 @@ pub fn bitmaps_size(q: &Qcow2, cluster_size: u64) -> u64 {
 /// Everything measure needs from an open source image, for a target with
 /// `cluster_size` clusters.
 pub fn source_usage(img: &dyn Image, cluster_size: u64) -> Result<SourceUsage> {
+    check_cluster_size(cluster_size)?;
     let bitmaps = img
         .as_any()
         .downcast_ref::<Qcow2>()
