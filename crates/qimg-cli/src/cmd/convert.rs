@@ -462,6 +462,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             None,
             true,
             true,
+            Some(&format!("error while converting {fmt}: ")),
         ) {
             return c;
         }

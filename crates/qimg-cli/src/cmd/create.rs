@@ -324,6 +324,7 @@ fn create_cmd(ctx: &Ctx, o: &CreateOpts) -> i32 {
         o.backing_format.as_deref(),
         o.quiet,
         o.backing_unsafe,
+        None,
     ) {
         Ok(()) => 0,
         Err(c) => c,
@@ -344,10 +345,11 @@ pub fn create_image(
     backing_fmt: Option<&str>,
     quiet: bool,
     backing_unsafe: bool,
+    error_prefix: Option<&str>,
 ) -> Result<(), i32> {
     use qimg::qcow2::create::{create_qcow2, create_raw, Preallocation};
     let fail = |m: &str| {
-        ctx.error(&format!("{filename}: {m}"));
+        ctx.error(&format!("{filename}: {}{m}", error_prefix.unwrap_or("")));
         1
     };
     let table = match fmt {

@@ -156,6 +156,14 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let threads = opts.threads.clamp(1, 64).min(chunks.max(1) as usize);
+    // qcow2 targets commit chunks in guest order (reading, zero detection and
+    // compression still run in parallel), so clusters are allocated in the same order as
+    // qemu-img allocates them and the layout does not depend on thread timing.
+    let ordered = match &target {
+        Target::Qcow2(_) => true,
+        Target::Image(i) => i.format_name() == "qcow2",
+    };
+    let turn = Turn { next: Mutex::new(0), cv: std::sync::Condvar::new() };
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -170,8 +178,11 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
                     }
                     let start = c * CHUNK;
                     let len = CHUNK.min(total - start);
-                    if let Err(e) = copy_chunk(&src, &target, opts, start, &mut buf[..len as usize])
+                    let gate = if ordered { Some((&turn, c)) } else { None };
+                    if let Err(e) =
+                        copy_chunk(&src, &target, opts, start, &mut buf[..len as usize], gate, &failed)
                     {
+                        turn.skip(c);
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
                         return;
@@ -194,13 +205,74 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
     }
 }
 
+/// Hands out commit turns in chunk order.
+struct Turn {
+    next: Mutex<u64>,
+    cv: std::sync::Condvar,
+}
+
+impl Turn {
+    /// Waits until chunk `c` may commit (or the conversion failed).
+    fn wait(&self, c: u64, failed: &AtomicBool) -> Result<()> {
+        let mut n = self.next.lock().unwrap();
+        while *n != c {
+            if failed.load(Ordering::Relaxed) {
+                return Err(Error::InvalidArgument("conversion aborted".into()));
+            }
+            n = self
+                .cv
+                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Passes the turn to chunk `c + 1`.
+    fn done(&self, c: u64) {
+        let mut n = self.next.lock().unwrap();
+        if *n == c {
+            *n = c + 1;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Releases waiters after a failure.
+    fn skip(&self, _c: u64) {
+        self.cv.notify_all();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn copy_chunk(
     src: &Sources,
     target: &Target,
     opts: &ConvertOptions,
     start: u64,
     buf: &mut [u8],
+    gate: Option<(&Turn, u64)>,
+    failed: &AtomicBool,
 ) -> Result<()> {
+    let r = copy_chunk_inner(src, target, opts, start, buf, gate, failed);
+    if let (Ok(()), Some((t, c))) = (&r, gate) {
+        t.done(c);
+    }
+    r
+}
+
+fn copy_chunk_inner(
+    src: &Sources,
+    target: &Target,
+    opts: &ConvertOptions,
+    start: u64,
+    buf: &mut [u8],
+    gate: Option<(&Turn, u64)>,
+    failed: &AtomicBool,
+) -> Result<()> {
+    let wait = || match gate {
+        Some((t, c)) => t.wait(c, failed),
+        None => Ok(()),
+    };
     let len = buf.len() as u64;
     let has_data = src.may_have_data(start, len)?;
     if has_data {
@@ -210,6 +282,7 @@ fn copy_chunk(
     }
     match target {
         Target::Image(img) => {
+            wait()?;
             if opts.sparse_size == 0 {
                 return img.write_at(buf, start);
             }
@@ -234,51 +307,36 @@ fn copy_chunk(
         }
         Target::Qcow2(w) => {
             let cs = w.cluster_size() as usize;
-            let g = if opts.sparse_size == 0 {
-                cs
-            } else {
-                (opts.sparse_size as usize).min(cs)
-            };
-            let cluster_has_data = |c: &[u8]| -> bool {
-                if !has_data {
-                    return false;
-                }
-                if opts.sparse_size == 0 {
-                    return true;
-                }
-                c.chunks(g).any(|p| !is_zero(p))
-            };
-            let mut i = 0usize;
-            while i < buf.len() {
-                let end = (i + cs).min(buf.len());
-                let data = cluster_has_data(&buf[i..end]);
-                let mut j = end;
-                while j < buf.len()
-                    && cluster_has_data(&buf[j..(j + cs).min(buf.len())]) == data
-                    && !opts.compress
-                {
-                    j = (j + cs).min(buf.len());
-                }
-                let guest = start + i as u64;
-                if data {
-                    if opts.compress {
-                        let mut cl = buf[i..end].to_vec();
-                        cl.resize(cs, 0);
-                        let c = compress::compress(w.compression(), &cl)?;
-                        w.write_compressed(guest, c.as_deref(), &cl)?;
-                    } else {
-                        w.write_clusters(guest, &buf[i..j])?;
-                    }
-                } else if !opts.target_is_zero || opts.sparse_size == 0 {
-                    if opts.sparse_size == 0 && !opts.compress {
-                        w.write_clusters(guest, &buf[i..j])?;
-                    } else {
-                        w.zero_clusters(guest, (j - i) as u64)?;
+            if opts.compress {
+                // Compress every cluster holding data in parallel, then commit in order.
+                let g = if opts.sparse_size == 0 { cs } else { (opts.sparse_size as usize).min(cs) };
+                let mut prepared = Vec::new();
+                if has_data {
+                    for (i, cl) in buf.chunks(cs).enumerate() {
+                        if opts.sparse_size != 0 && cl.chunks(g).all(is_zero) {
+                            continue;
+                        }
+                        let mut full = cl.to_vec();
+                        full.resize(cs, 0);
+                        let c = compress::compress(w.compression(), &full)?;
+                        prepared.push((start + (i * cs) as u64, c, full));
                     }
                 }
-                i = j;
+                wait()?;
+                for (guest, c, full) in prepared {
+                    w.write_compressed(guest, c.as_deref(), &full)?;
+                }
+                return Ok(());
             }
-            Ok(())
+            wait()?;
+            if opts.sparse_size == 0 {
+                // -S 0: allocate everything, zeros included.
+                w.write_clusters(start, buf)
+            } else if has_data {
+                w.write_sparse(start, buf, opts.sparse_size as usize)
+            } else {
+                Ok(())
+            }
         }
     }
 }
