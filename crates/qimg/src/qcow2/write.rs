@@ -268,7 +268,11 @@ impl Qcow2 {
             } else if let Some(h) = reuse {
                 h
             } else {
-                g.as_mut().unwrap().refs.alloc(self.file.as_ref(), 1)?
+                // The L2 table first, then the data cluster: QEMU's allocation order, so
+                // sequential writes get contiguous data clusters.
+                let st = g.as_mut().unwrap();
+                self.l2_writable(st, gc >> self.l2_bits)?;
+                st.refs.alloc(self.file.as_ref(), 1)?
             };
             // With extended L2 and nothing to carry over, only the touched subclusters
             // need data; otherwise the whole cluster.

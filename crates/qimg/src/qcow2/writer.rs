@@ -48,6 +48,9 @@ struct State {
     /// L2 tables as raw words (two per entry with extended L2), by L1 index.
     l2: HashMap<u64, Vec<u64>>,
     dirty: BTreeSet<u64>,
+    /// End of the last uncompressed cluster allocated: QEMU's file always covers the
+    /// whole cluster, even when its tail was never written.
+    data_end: u64,
     /// Where the next compressed stream may start (byte granular) and the end of the
     /// cluster it is in.
     compressed_pos: Option<(u64, u64)>,
@@ -91,6 +94,7 @@ impl Qcow2Writer {
                 l1: img.l1().to_vec(),
                 l2: l2_tables,
                 dirty: BTreeSet::new(),
+                data_end: 0,
                 compressed_pos: None,
             }),
             header: h,
@@ -187,6 +191,10 @@ impl Qcow2Writer {
                         h
                     }
                 };
+                if !has_df {
+                    st.data_end = st.data_end.max(host + cs);
+                }
+                let t = st.l2.get_mut(&l1i).expect("table() created it");
                 t[l2i * w] = host | COPIED;
                 if ext {
                     // A short last cluster allocates only the subclusters it covers.
@@ -276,6 +284,9 @@ impl Qcow2Writer {
                             t[l2i * w + 1] = 0;
                         }
                         st.next_free = next_free;
+                        if !has_df {
+                            st.data_end = st.data_end.max(h + cs as u64);
+                        }
                         hosts.push((ci, h));
                         h
                     }
@@ -614,6 +625,9 @@ impl Qcow2Writer {
             put32(&mut hdr, 8, rt as u32);
             self.file.write_at(&hdr, 48)?;
             flush(self.file.as_ref())?;
+        }
+        if self.file.len()? < st.data_end {
+            self.file.set_len(st.data_end)?;
         }
         let mut l1buf = vec![0u8; st.l1.len() * 8];
         for (i, e) in st.l1.iter().enumerate() {
