@@ -249,7 +249,10 @@ fn measure_cmd(ctx: &Ctx, o: &MeasureOpts) -> i32 {
         OutputFormat::Json => {
             let mut m = serde_json::Map::new();
             m.insert("required".into(), serde_json::json!(info.required));
-            m.insert("fully-allocated".into(), serde_json::json!(info.fully_allocated));
+            m.insert(
+                "fully-allocated".into(),
+                serde_json::json!(info.fully_allocated),
+            );
             if let Some(b) = info.bitmaps {
                 m.insert("bitmaps".into(), serde_json::json!(b));
             }

@@ -163,7 +163,10 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
         Target::Qcow2(_) => true,
         Target::Image(i) => i.format_name() == "qcow2",
     };
-    let turn = Turn { next: Mutex::new(0), cv: std::sync::Condvar::new() };
+    let turn = Turn {
+        next: Mutex::new(0),
+        cv: std::sync::Condvar::new(),
+    };
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -179,9 +182,15 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
                     let start = c * CHUNK;
                     let len = CHUNK.min(total - start);
                     let gate = if ordered { Some((&turn, c)) } else { None };
-                    if let Err(e) =
-                        copy_chunk(&src, &target, opts, start, &mut buf[..len as usize], gate, &failed)
-                    {
+                    if let Err(e) = copy_chunk(
+                        &src,
+                        &target,
+                        opts,
+                        start,
+                        &mut buf[..len as usize],
+                        gate,
+                        &failed,
+                    ) {
                         turn.skip(c);
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
@@ -309,7 +318,11 @@ fn copy_chunk_inner(
             let cs = w.cluster_size() as usize;
             if opts.compress {
                 // Compress every cluster holding data in parallel, then commit in order.
-                let g = if opts.sparse_size == 0 { cs } else { (opts.sparse_size as usize).min(cs) };
+                let g = if opts.sparse_size == 0 {
+                    cs
+                } else {
+                    (opts.sparse_size as usize).min(cs)
+                };
                 let mut prepared = Vec::new();
                 if has_data {
                     for (i, cl) in buf.chunks(cs).enumerate() {

@@ -268,6 +268,8 @@ pub fn source_usage(img: &dyn Image, cluster_size: u64) -> Result<SourceUsage> {
     let bitmaps = img
         .as_any()
         .downcast_ref::<Qcow2>()
+        // QEMU supports persistent bitmaps only in v3 images, so only those report them.
+        .filter(|q| q.header().version >= 3)
         .map(|q| bitmaps_size(q, cluster_size));
     Ok(SourceUsage {
         size: img.len(),

@@ -200,7 +200,11 @@ impl Qcow2Writer {
                     // A short last cluster allocates only the subclusters it covers.
                     let len = (data.len() as u64 - i * cs).min(cs);
                     let subs = len.div_ceil(cs / 32);
-                    t[l2i * w + 1] = if subs >= 32 { 0xffff_ffff } else { (1u64 << subs) - 1 };
+                    t[l2i * w + 1] = if subs >= 32 {
+                        0xffff_ffff
+                    } else {
+                        (1u64 << subs) - 1
+                    };
                 }
                 st.next_free = next_free;
                 hosts.push(host);
@@ -271,7 +275,11 @@ impl Qcow2Writer {
                         let t = st.l2.get_mut(&l1i).expect("table() created it");
                         let e = t[l2i * w];
                         let h = match l2::classify(e, ext, has_df) {
-                            ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) if e & COPIED != 0 => h,
+                            ClusterType::Normal(h) | ClusterType::ZeroAlloc(h)
+                                if e & COPIED != 0 =>
+                            {
+                                h
+                            }
                             _ if has_df => g,
                             _ => {
                                 let h = next_free;
@@ -284,7 +292,7 @@ impl Qcow2Writer {
                             t[l2i * w + 1] = 0;
                         }
                         st.next_free = next_free;
-                        if !has_df {
+                        if !has_df && !ext {
                             st.data_end = st.data_end.max(h + cs as u64);
                         }
                         hosts.push((ci, h));
@@ -305,7 +313,13 @@ impl Qcow2Writer {
             Some(d) => d.as_ref(),
             None => self.file.as_ref(),
         };
-        let host_of = |ci: usize| hosts.iter().find(|(c, _)| *c == ci).map(|(_, h)| *h).unwrap();
+        let host_of = |ci: usize| {
+            hosts
+                .iter()
+                .find(|(c, _)| *c == ci)
+                .map(|(_, h)| *h)
+                .unwrap()
+        };
         // Coalesce runs that are contiguous both in the guest and on the host.
         let mut i = 0;
         while i < runs.len() {
@@ -559,7 +573,9 @@ impl Qcow2Writer {
                 if need > old_table.len() as u64 {
                     break false;
                 }
-                let missing: Vec<u64> = (0..need).filter(|&i| !usable(old_table[i as usize])).collect();
+                let missing: Vec<u64> = (0..need)
+                    .filter(|&i| !usable(old_table[i as usize]))
+                    .collect();
                 if missing.len() == new_blocks.len() {
                     new_blocks = missing;
                     break true;
@@ -578,7 +594,8 @@ impl Qcow2Writer {
             }
             let nb = (end_clusters + new_blocks.len() as u64).div_ceil(per_block);
             for b in 0..nb {
-                self.file.write_at(&block_for(&refs, b)?, table[b as usize])?;
+                self.file
+                    .write_at(&block_for(&refs, b)?, table[b as usize])?;
             }
             for &i in &new_blocks {
                 let mut e = [0u8; 8];
@@ -612,7 +629,8 @@ impl Qcow2Writer {
             let rt_start = rb_start + nb * cs;
             let mut table = vec![0u8; (rt * cs) as usize];
             for b in 0..nb {
-                self.file.write_at(&block_for(&refs, b)?, rb_start + b * cs)?;
+                self.file
+                    .write_at(&block_for(&refs, b)?, rb_start + b * cs)?;
                 put64(&mut table, (b * 8) as usize, rb_start + b * cs);
             }
             self.file.write_at(&table, rt_start)?;
