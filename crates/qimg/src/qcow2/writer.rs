@@ -553,7 +553,7 @@ impl Qcow2Writer {
             .chunks_exact(8)
             .map(|c| crate::ondisk::be64(c, 0) & refcount::REFTABLE_OFFSET_MASK)
             .collect();
-        let usable = |off: u64| off != 0 && off % cs == 0 && off / cs < end_clusters;
+        let usable = |off: u64| off != 0 && off.is_multiple_of(cs) && off / cs < end_clusters;
         let mut reuse_refs = refs.clone();
         for k in 0..old_rt_clusters {
             if let Some(r) = reuse_refs.get_mut((old_rt / cs + k) as usize) {
@@ -566,23 +566,24 @@ impl Qcow2Writer {
             }
         }
         let mut new_blocks: Vec<u64> = Vec::new();
-        let reuse_ok = old_rt % cs == 0 && old_rt / cs + old_rt_clusters <= end_clusters && {
-            loop {
-                let total = end_clusters + new_blocks.len() as u64;
-                let need = total.div_ceil(per_block);
-                if need > old_table.len() as u64 {
-                    break false;
-                }
-                let missing: Vec<u64> = (0..need)
-                    .filter(|&i| !usable(old_table[i as usize]))
-                    .collect();
-                if missing.len() == new_blocks.len() {
+        let reuse_ok =
+            old_rt.is_multiple_of(cs) && old_rt / cs + old_rt_clusters <= end_clusters && {
+                loop {
+                    let total = end_clusters + new_blocks.len() as u64;
+                    let need = total.div_ceil(per_block);
+                    if need > old_table.len() as u64 {
+                        break false;
+                    }
+                    let missing: Vec<u64> = (0..need)
+                        .filter(|&i| !usable(old_table[i as usize]))
+                        .collect();
+                    if missing.len() == new_blocks.len() {
+                        new_blocks = missing;
+                        break true;
+                    }
                     new_blocks = missing;
-                    break true;
                 }
-                new_blocks = missing;
-            }
-        };
+            };
         if reuse_ok {
             let mut refs = reuse_refs;
             refs.resize((end_clusters + new_blocks.len() as u64) as usize, 0);
