@@ -198,11 +198,15 @@ impl Conn<'_> {
         if req.typ == cmd::DISC {
             return Ok(None);
         }
-        let payload_len = match mode {
-            Mode::Extended if req.flags & cmd_flags::PAYLOAD_LEN != 0 => req.length,
-            Mode::Extended => 0,
-            _ if req.typ == cmd::WRITE => req.length,
-            _ => 0,
+        // WRITE always carries `length` bytes of data. QEMU's client does not set
+        // PAYLOAD_LEN on writes even with extended headers (the flag marks payloads on
+        // other commands), so the flag is accepted on WRITE but not required.
+        let payload_len = if req.typ == cmd::WRITE
+            || (mode == Mode::Extended && req.flags & cmd_flags::PAYLOAD_LEN != 0)
+        {
+            req.length
+        } else {
+            0
         };
         if payload_len > u64::from(MAX_PAYLOAD) {
             // Reading (or skipping) up to 4 GiB for a request we will refuse would let a
@@ -309,12 +313,6 @@ impl Conn<'_> {
         }
         let has_payload = ext && req.flags & cmd_flags::PAYLOAD_LEN != 0;
         let len = if req.typ == cmd::WRITE {
-            if ext && !has_payload {
-                return Err((
-                    errno::EINVAL,
-                    "write without payload length flag".to_string(),
-                ));
-            }
             payload as u64
         } else if req.typ == cmd::BLOCK_STATUS && has_payload {
             // Payload: 64-bit effect length, then 32-bit context ids.
