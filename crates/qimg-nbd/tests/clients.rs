@@ -104,45 +104,44 @@ fn qemu_img_over_nbd_matches_qemu_nbd() {
         &d.path().join("b"),
         &["-t", "-r", "-A", "-f", "qcow2", t],
     );
-    for (u_ours, u_theirs) in [(ours.uri(""), theirs.uri(""))] {
-        let m1 = ok(
-            30,
-            "qemu-img",
-            &["map", "--output=json", "-f", "raw", &u_ours],
-        );
-        let m2 = ok(
-            30,
-            "qemu-img",
-            &["map", "--output=json", "-f", "raw", &u_theirs],
-        );
-        assert_eq!(m1, m2);
-        let i1 = ok(
-            30,
-            "qemu-img",
-            &["info", "--output=json", "-f", "raw", &u_ours],
-        );
-        assert!(i1.contains("\"virtual-size\": 4194304"), "{i1}");
-        ok(
-            30,
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "qcow2", &u_ours, t],
-        );
-        let out = d.path().join("out.qcow2");
-        ok(
-            60,
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                &u_ours,
-                out.to_str().unwrap(),
-            ],
-        );
-        ok(30, "qemu-img", &["compare", out.to_str().unwrap(), t]);
-    }
+    let (u_ours, u_theirs) = (ours.uri(""), theirs.uri(""));
+    let m1 = ok(
+        30,
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &u_ours],
+    );
+    let m2 = ok(
+        30,
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &u_theirs],
+    );
+    assert_eq!(m1, m2);
+    let i1 = ok(
+        30,
+        "qemu-img",
+        &["info", "--output=json", "-f", "raw", &u_ours],
+    );
+    assert!(i1.contains("\"virtual-size\": 4194304"), "{i1}");
+    ok(
+        30,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", &u_ours, t],
+    );
+    let out = d.path().join("out.qcow2");
+    ok(
+        60,
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &u_ours,
+            out.to_str().unwrap(),
+        ],
+    );
+    ok(30, "qemu-img", &["compare", out.to_str().unwrap(), t]);
     // qemu:allocation-depth read through QEMU's own client (extended headers).
     let opts = |s: &Path| {
         format!(
