@@ -544,10 +544,8 @@ pub fn main_serve(prog: &str, args: &[String]) -> i32 {
 }
 
 fn run(prog: &str, o: &Opts) -> Result<(), String> {
-    if o.snapshot {
-        return Err("--snapshot is not supported yet".into());
-    }
-    let writable = !o.read_only;
+    // With -s the image is only read; writes go to a temporary overlay.
+    let writable = !o.read_only && !o.snapshot;
     let path = Path::new(&o.image);
     let open_opts = OpenOptions {
         format: o.format.clone(),
@@ -629,6 +627,18 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
         l.into()
     };
 
+    let image: Arc<dyn Image> = if o.snapshot {
+        // QEMU puts its temporary overlay in $TMPDIR (default /var/tmp).
+        let dir = std::env::var_os("TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        Arc::new(
+            crate::overlay::Overlay::new(image, &dir)
+                .map_err(|e| format!("Could not create temporary overlay: {}", qemu_msg(e)))?,
+        )
+    } else {
+        image
+    };
     let mut export = Export::new(o.export_name.clone(), image);
     export.description = o.description.clone();
     export.read_only = o.read_only;

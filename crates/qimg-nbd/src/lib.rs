@@ -20,6 +20,7 @@ pub mod cli;
 mod conn;
 mod handshake;
 pub mod meta;
+pub mod overlay;
 pub mod proto;
 mod server;
 pub mod stream;

@@ -476,3 +476,68 @@ fn fork_detaches_after_listening() {
     }
     assert!(!sock.exists());
 }
+
+/// `-s`: writes go to a temporary overlay; the image is untouched, and the chain seen
+/// through the export (maps, allocation depth) matches qemu-nbd's after the same writes.
+#[test]
+fn snapshot_mode_matches_qemu_nbd() {
+    if !have("qemu-io") || !have("nbdinfo") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmp();
+    let top = make_chain(d.path());
+    let before = std::fs::read(&top).unwrap();
+    let mut maps = Vec::new();
+    for prog in [qimg_nbd(), "qemu-nbd"] {
+        let sock = d.path().join("s");
+        let srv = Srv::start(
+            prog,
+            &sock,
+            &["-t", "-s", "-A", "-f", "qcow2", top.to_str().unwrap()],
+        );
+        let u = srv.uri("");
+        ok(
+            30,
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x61 128k 64k",
+                "-c",
+                "write -P 0x62 1M 64k",
+                "-c",
+                "write -z 3M 64k",
+                &u,
+            ],
+        );
+        let r = ok(
+            30,
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x61 128k 64k",
+                "-c",
+                "read -P 1 0 64k",
+                "-c",
+                "read -P 3 64k 64k",
+                "-c",
+                "read -P 0x62 1M 64k",
+                "-c",
+                "read -P 0 3M 64k",
+                &u,
+            ],
+        );
+        assert!(!r.contains("failed"), "{r}");
+        let mut m = String::new();
+        for ctx in ["base:allocation", "qemu:allocation-depth"] {
+            m += &ok(30, "nbdinfo", &[&format!("--map={ctx}"), &u]);
+        }
+        maps.push(m);
+        drop(srv);
+    }
+    assert_eq!(maps[0], maps[1]);
+    assert_eq!(std::fs::read(&top).unwrap(), before);
+}
