@@ -651,7 +651,11 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
         discard: o.discard,
         detect_zeroes: o.detect_zeroes,
         cache: o.cache,
-        workers_per_connection: 16,
+        // Benchmarks compare pool sizes through this variable; qemu-nbd has no such knob.
+        workers_per_connection: std::env::var("QIMG_NBD_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16),
         log_prefix: Some(prog.to_string()),
     };
     let server = Server::new(vec![export], config).map_err(|e| e.to_string())?;

@@ -218,8 +218,7 @@ impl Conn<'_> {
             }));
         }
         let n = payload_len as usize;
-        buf.clear();
-        buf.resize(n, 0);
+        grow(buf, n);
         match read_full(r, &mut buf[..n]) {
             Ok(true) => {}
             _ if n == 0 => {}
@@ -424,8 +423,7 @@ impl Conn<'_> {
         // Prefetch by reading: it warms the host page cache and the image's metadata
         // caches, which is what a later read will need.
         let chunk = (len as usize).min(1 << 20);
-        buf.clear();
-        buf.resize(chunk, 0);
+        grow(buf, chunk);
         let mut pos = 0u64;
         while pos < len {
             let n = ((len - pos) as usize).min(chunk);
@@ -452,8 +450,7 @@ impl Conn<'_> {
     fn read(&self, req: &Request, len: u64, buf: &mut Vec<u8>) {
         let n = len as usize;
         let mode = self.mode();
-        buf.clear();
-        buf.resize(n, 0);
+        grow(buf, n);
         if mode == Mode::Simple {
             match self.read_export(&mut buf[..n], req.offset) {
                 Ok(()) => {
@@ -727,6 +724,15 @@ impl Conn<'_> {
             h.extend_from_slice(&p);
         }
         self.send(&mut [&h]);
+    }
+}
+
+/// Makes `buf` at least `n` bytes long. Only new bytes are zeroed: every caller
+/// overwrites the prefix it uses, and zero-filling up to 32 MiB per request would cost as
+/// much as the copy itself.
+fn grow(buf: &mut Vec<u8>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0);
     }
 }
 
