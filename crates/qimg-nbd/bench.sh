@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# See bench/nbd.sh.
+exec "$(dirname "$0")/bench/nbd.sh" "$@"

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# qimg-nbd vs qemu-nbd on the same images, in the same run.
+#
+#   nbdcopy: sequential read of the whole export to null: (MiB/s)
+#   fio (ioengine=nbd): 4k random read / write IOPS at iodepth 16, one connection and
+#   four connections (numjobs=4, -e 4 on the server)
+#
+# Raw image for everything; a qcow2 copy for the read tests. Prints a table with the
+# ratio qimg-nbd / qemu-nbd (higher is better for qimg-nbd).
+#
+# Env: SIZE (default 512M), RUNTIME seconds per fio test (default 8), KEEP=1 keeps the
+# work directory, QIMG_NBD=path skips the cargo build.
+set -euo pipefail
+
+SIZE=${SIZE:-512M}
+RUNTIME=${RUNTIME:-8}
+here=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$here/../.." && pwd)
+
+for t in qemu-nbd qemu-img nbdcopy fio python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t is not installed" >&2; exit 1; }
+done
+
+if [[ -z "${QIMG_NBD:-}" ]]; then
+    (cd "$root" && CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo build -q --release -p qimg-nbd)
+    QIMG_NBD="$root/target/release/qimg-nbd"
+fi
+
+work=$(mktemp -d /tmp/qnbd-bench.XXXXXX)
+srv_pid=
+cleanup() {
+    [[ -n "$srv_pid" ]] && kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null || true
+    [[ "${KEEP:-}" == 1 ]] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "preparing $SIZE images in $work ..." >&2
+head -c "$SIZE" /dev/urandom > "$work/img.raw"
+qemu-img convert -f raw -O qcow2 "$work/img.raw" "$work/img.qcow2"
+sock="$work/sock"
+uri="nbd+unix:///?socket=$sock"
+
+start() { # prog fmt image
+    rm -f "$sock"
+    "$1" -t -e 4 -f "$2" -k "$sock" "$3" 2>>"$work/server.log" &
+    srv_pid=$!
+    for _ in $(seq 200); do [[ -S "$sock" ]] && return 0; sleep 0.05; done
+    echo "bench: $1 did not start" >&2; exit 1
+}
+stop() {
+    kill "$srv_pid" 2>/dev/null || true
+    wait "$srv_pid" 2>/dev/null || true
+    srv_pid=
+}
+
+copy_mibs() {
+    local t0 t1 bytes
+    bytes=$(stat -c %s "$work/img.raw")
+    t0=$(date +%s.%N)
+    timeout 300 nbdcopy "$uri" null:
+    t1=$(date +%s.%N)
+    python3 -c "print(f'{$bytes/1048576/($t1-$t0):.0f}')"
+}
+
+fio_iops() { # rw jobs
+    timeout $((RUNTIME + 60)) fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs=4k \
+        --iodepth=16 --numjobs="$2" --group_reporting --runtime="$RUNTIME" --time_based \
+        --size="$SIZE" --output-format=json 2>/dev/null |
+        python3 -c '
+import json,sys
+t=sys.stdin.read()
+j=json.loads(t[t.index("{"):])["jobs"][0]  # fio prints a banner before the JSON
+print("%.0f" % (j["read"]["iops"] + j["write"]["iops"]))'
+}
+
+declare -A R
+run_suite() { # label prog
+    start "$2" raw "$work/img.raw"
+    R["$1,copy raw MiB/s"]=$(copy_mibs)
+    R["$1,randread 1 conn"]=$(fio_iops randread 1)
+    R["$1,randread 4 conn"]=$(fio_iops randread 4)
+    R["$1,randwrite 1 conn"]=$(fio_iops randwrite 1)
+    R["$1,randwrite 4 conn"]=$(fio_iops randwrite 4)
+    stop
+    start "$2" qcow2 "$work/img.qcow2"
+    R["$1,copy qcow2 MiB/s"]=$(copy_mibs)
+    R["$1,qcow2 randread 1 conn"]=$(fio_iops randread 1)
+    R["$1,qcow2 randread 4 conn"]=$(fio_iops randread 4)
+    stop
+}
+
+echo "running qimg-nbd ..." >&2
+run_suite qimg "$QIMG_NBD"
+echo "running qemu-nbd ..." >&2
+run_suite qemu qemu-nbd
+
+printf '%-24s %12s %12s %8s\n' test qimg-nbd qemu-nbd ratio
+for k in "copy raw MiB/s" "randread 1 conn" "randread 4 conn" "randwrite 1 conn" \
+    "randwrite 4 conn" "copy qcow2 MiB/s" "qcow2 randread 1 conn" "qcow2 randread 4 conn"; do
+    a=${R["qimg,$k"]}
+    b=${R["qemu,$k"]}
+    printf '%-24s %12s %12s %8s\n' "$k" "$a" "$b" \
+        "$(python3 -c "print(f'{$a/$b:.2f}' if $b else '-')")"
+done
+echo "(fio: 4k, iodepth 16, ${RUNTIME}s each; IOPS. image $SIZE; $(nproc) CPUs)"
