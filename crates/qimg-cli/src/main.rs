@@ -58,6 +58,11 @@ const COMMANDS: &[(&str, &str, Handler)] = &[
         cmd::rebase::run,
     ),
     (
+        "serve",
+        "Serve an image over NBD (takes qemu-nbd's options)",
+        cmd::serve::run,
+    ),
+    (
         "resize",
         "Resize the image to the new size",
         cmd::resize::run,

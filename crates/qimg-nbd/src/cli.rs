@@ -488,24 +488,6 @@ fn daemonize() -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `-l` (`ID_OR_NAME` or `snapshot.id=..,snapshot.name=..`).
-fn snapshot_matches(spec: &str, id: &str, name: &str) -> bool {
-    if spec.starts_with("snapshot.") {
-        let mut want_id = None;
-        let mut want_name = None;
-        for part in spec.split(',') {
-            if let Some(v) = part.strip_prefix("snapshot.id=") {
-                want_id = Some(v);
-            } else if let Some(v) = part.strip_prefix("snapshot.name=") {
-                want_name = Some(v);
-            }
-        }
-        want_id.is_none_or(|v| v == id) && want_name.is_none_or(|v| v == name)
-    } else {
-        spec == id || spec == name
-    }
-}
-
 /// Entry point of `qimg-nbd` (and of a `qemu-nbd` compatible front end): `prog` is the
 /// name used in messages, `args` the arguments after it. Returns the exit status.
 pub fn main_serve(prog: &str, args: &[String]) -> i32 {
@@ -545,42 +527,58 @@ pub fn main_serve(prog: &str, args: &[String]) -> i32 {
 
 fn run(prog: &str, o: &Opts) -> Result<(), String> {
     // With -s the image is only read; writes go to a temporary overlay.
-    let writable = !o.read_only && !o.snapshot;
+    // An internal snapshot is exported read-only, as qemu-nbd does.
+    let writable = !o.read_only && !o.snapshot && o.load_snapshot.is_none();
     let path = Path::new(&o.image);
+    let snapshot = o.load_snapshot.as_ref().map(|spec| {
+        if spec.starts_with("snapshot.") {
+            let mut id = None;
+            let mut name = None;
+            for part in spec.split(',') {
+                if let Some(v) = part.strip_prefix("snapshot.id=") {
+                    id = Some(v.to_string());
+                } else if let Some(v) = part.strip_prefix("snapshot.name=") {
+                    name = Some(v.to_string());
+                }
+            }
+            qimg::open::SnapshotSel::Exact { id, name }
+        } else {
+            qimg::open::SnapshotSel::IdOrName(spec.clone())
+        }
+    });
     let open_opts = OpenOptions {
         format: o.format.clone(),
         writable,
+        snapshot: snapshot.clone(),
         ..OpenOptions::default()
     };
-    let image: Arc<dyn Image> = open_image(path, &open_opts)
-        .map_err(|e| format!("Failed to blk_new_open '{}': {}", o.image, qemu_msg(e)))?;
+    if snapshot.is_some() {
+        // Probe first so that a format without snapshots gets QEMU's message.
+        let probe_opts = OpenOptions {
+            format: o.format.clone(),
+            force_share: true,
+            no_backing: true,
+            ..OpenOptions::default()
+        };
+        if let Ok(img) = open_image(path, &probe_opts) {
+            if img.as_any().downcast_ref::<qimg::qcow2::Qcow2>().is_none() {
+                return Err(format!(
+                    "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                    img.format_name()
+                ));
+            }
+        }
+    }
+    let image: Arc<dyn Image> = open_image(path, &open_opts).map_err(|e| match e {
+        qimg::Error::NotFound(m) if snapshot.is_some() => m,
+        e => format!("Failed to blk_new_open '{}': {}", o.image, qemu_msg(e)),
+    })?;
     if o.format.is_none() && image.format_name() == "raw" {
         eprintln!(
             "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
              Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
              Specify the 'raw' format explicitly to remove the restrictions.",
             o.image
-        );
-    }
-    if let Some(spec) = &o.load_snapshot {
-        let q = image
-            .as_any()
-            .downcast_ref::<qimg::qcow2::Qcow2>()
-            .ok_or_else(|| {
-                format!(
-                    "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-                    image.format_name()
-                )
-            })?;
-        if !q
-            .snapshots()
-            .iter()
-            .any(|s| snapshot_matches(spec, &s.id, &s.name))
-        {
-            return Err("Failed to load snapshot: Can't find snapshot".into());
-        }
-        return Err(
-            "Failed to load snapshot: reading internal snapshots is not supported yet".into(),
         );
     }
     // Dirty bitmaps plug in as `MetaContext`s once the library can read them; until then
@@ -760,13 +758,5 @@ mod tests {
         assert_eq!(parse_c_int(""), None);
         assert_eq!(parse_c_int("1x"), None);
         assert_eq!(parse_c_int("0"), Some(0));
-    }
-
-    #[test]
-    fn snapshot_specs() {
-        assert!(snapshot_matches("1", "1", "a"));
-        assert!(snapshot_matches("a", "1", "a"));
-        assert!(snapshot_matches("snapshot.id=1,snapshot.name=a", "1", "a"));
-        assert!(!snapshot_matches("snapshot.name=b", "1", "a"));
     }
 }

@@ -15,6 +15,7 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod serve;
 pub mod snapshot;
 
 #[cfg(test)]
