@@ -84,6 +84,20 @@ fi
 if [ ! -f src.qcow2 ]; then
     "$QEMU_IMG" convert -f raw -O qcow2 data.raw src.qcow2
 fi
+# A 2-deep chain over src.qcow2: each overlay rewrites a scattered tenth of the disk.
+if [ ! -f top.qcow2 ]; then
+    "$QEMU_IMG" create -q -f qcow2 -b src.qcow2 -F qcow2 mid.qcow2
+    "$QEMU_IMG" create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
+    for layer in mid top; do
+        python3 - "$SIZE_MIB" "$layer" <<'PY' | qemu-io -f qcow2 "$layer.qcow2" >/dev/null
+import sys
+size_mib, layer = int(sys.argv[1]), sys.argv[2]
+step = 10 if layer == "mid" else 7
+for mib in range(0, size_mib, step):
+    print(f"write -P {mib % 251} {mib << 20} 1M")
+PY
+    done
+fi
 # A fragmented image for map/check: 4 KiB clusters, 4 KiB written at every other cluster of
 # the first 256 MiB in a shuffled order (host order != guest order: ~64 Ki extents), plus
 # zero clusters. Written through one qemu-io process reading commands from stdin.
@@ -105,6 +119,18 @@ fi
 
 # ---- timing -----------------------------------------------------------------------------
 now() { date +%s.%N; }
+# Peak resident memory of each run (KiB) when GNU time is installed (Debian package `time`).
+if [ -x /usr/bin/time ]; then
+    TIMEV="/usr/bin/time -f %M"
+else
+    TIMEV="env"
+fi
+# Peak resident memory of each run, in KiB, when GNU time is installed (package `time`).
+if [ -x /usr/bin/time ]; then
+    TIMEV="/usr/bin/time -f %M"
+else
+    TIMEV="env"
+fi
 
 # time_cmd OUTFILE REPEAT CMD... : runs CMD REPEAT times with stdout to OUTFILE, prints the
 # elapsed seconds of all repetitions.
@@ -114,7 +140,7 @@ time_cmd() {
     local t0 t1 i
     t0="$(now)"
     for ((i = 0; i < repeat; i++)); do
-        if ! "$@" >"$out" 2>"$out.err"; then
+        if ! $TIMEV -o "$out.rss" "$@" >"$out" 2>"$out.err"; then
             echo "command failed: $*" >&2
             cat "$out.err" >&2
             echo "nan"
@@ -128,21 +154,31 @@ time_cmd() {
 min() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan") print b; else if (b == "nan" || a + 0 <= b + 0) print a; else print b }'; }
 
 rows=()
-# bench NAME VERIFY REPEAT CMD-TEMPLATE: the template uses @BIN@ for the tool and @OUT@ for an
-# output file name distinct per tool; short operations are repeated REPEAT times per timing.
+# bench NAME VERIFY REPEAT CMD-TEMPLATE [QEMU-TEMPLATE]: the template uses @BIN@ for the tool
+# and @OUT@ for an output file name distinct per tool; short operations are repeated REPEAT
+# times per timing. QEMU-TEMPLATE, when given, is what qemu-img runs (e.g. its best -m/-W).
 bench() {
-    local name="$1" verify="$2" repeat="$3" tmpl="$4"
-    local best_q=nan best_t=nan r t cmd
+    local name="$1" verify="$2" repeat="$3" tmpl="$4" qtmpl="${5:-$4}"
+    local best_q=nan best_t=nan r t cmd rss_q=0 rss_t=0
     for r in $(seq 1 "$RUNS"); do
         for tool in q t; do
-            local bin="$QEMU_IMG"
-            [ "$tool" = t ] && bin="$QIMG"
-            cmd="${tmpl//@BIN@/$bin}"
+            local bin="$QEMU_IMG" use="$qtmpl"
+            if [ "$tool" = t ]; then bin="$QIMG"; use="$tmpl"; fi
+            cmd="${use//@BIN@/$bin}"
             cmd="${cmd//@OUT@/out.$tool}"
             rm -f "out.$tool"
             # shellcheck disable=SC2086
             t="$(time_cmd "stdout.$tool" "$repeat" $cmd)"
-            if [ "$tool" = q ]; then best_q="$(min "$best_q" "$t")"; else best_t="$(min "$best_t" "$t")"; fi
+            local rss
+            rss="$(tail -1 "stdout.$tool.rss" 2>/dev/null | tr -dc 0-9)"
+            rss="${rss:-0}"
+            if [ "$tool" = q ]; then
+                best_q="$(min "$best_q" "$t")"
+                [ "$rss" -gt "$rss_q" ] && rss_q="$rss"
+            else
+                best_t="$(min "$best_t" "$t")"
+                [ "$rss" -gt "$rss_t" ] && rss_t="$rss"
+            fi
         done
         # The outputs of the last run of each tool are compared below.
     done
@@ -154,13 +190,21 @@ bench() {
     esac
     local ratio
     ratio="$(awk -v q="$best_q" -v t="$best_t" 'BEGIN { if (q == "nan" || t == "nan" || t + 0 == 0) print "n/a"; else printf "%.2f", q / t }')"
-    rows+=("$(printf '%-22s %12s %12s %8s  %s' "$name" "$best_q" "$best_t" "$ratio" "$same")")
+    rows+=("$(printf '%-28s %10s %10s %7s %9s %9s  %s' "$name" "$best_q" "$best_t" "$ratio" "$((rss_q / 1024))" "$((rss_t / 1024))" "$same")")
     rm -f out.q out.t
 }
 
 echo "== running (each operation ${RUNS}x per tool, best time kept)" >&2
 bench "convert qcow2->raw" raw 1 "@BIN@ convert -f qcow2 -O raw src.qcow2 @OUT@"
 bench "convert raw->qcow2" qcow2 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@"
+bench "raw->qcow2 (qemu -m16 -W)" qcow2 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@" \
+    "@BIN@ convert -m 16 -W -f raw -O qcow2 data.raw @OUT@"
+bench "raw->qcow2 -c zlib" qcow2 1 "@BIN@ convert -c -f raw -O qcow2 data.raw @OUT@" \
+    "@BIN@ convert -m 16 -c -f raw -O qcow2 data.raw @OUT@"
+bench "raw->qcow2 -c zstd" qcow2 1 "@BIN@ convert -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@" \
+    "@BIN@ convert -m 16 -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@"
+bench "flatten 2-deep chain->raw" raw 1 "@BIN@ convert -O raw top.qcow2 @OUT@" \
+    "@BIN@ convert -m 16 -W -O raw top.qcow2 @OUT@"
 bench "map --output=json" stdout 10 "@BIN@ map -f qcow2 --output=json src.qcow2"
 bench "map (fragmented) x3" stdout 3 "@BIN@ map -f qcow2 --output=json frag.qcow2"
 bench "check x10" stdout 10 "@BIN@ check -f qcow2 src.qcow2"
@@ -173,10 +217,10 @@ echo "data: ${SIZE_MIB} MiB raw (40% random, 30% compressible, 10% zeros, 20% ho
 echo "qemu-img: $("$QEMU_IMG" --version | head -1)"
 echo "qimg:     $QIMG"
 echo
-printf '%-22s %12s %12s %8s  %s\n' "operation" "qemu-img s" "qimg s" "ratio" "output"
-printf '%-22s %12s %12s %8s  %s\n' "---------" "----------" "------" "-----" "------"
+printf '%-28s %10s %10s %7s %9s %9s  %s\n' "operation" "qemu-img s" "qimg s" "ratio" "qemu MiB" "qimg MiB" "output"
+printf '%-28s %10s %10s %7s %9s %9s  %s\n' "---------" "----------" "------" "-----" "--------" "--------" "------"
 for r in "${rows[@]}"; do
     echo "$r"
 done
 echo
-echo "ratio = qemu-img seconds / qimg seconds (above 1: qimg is faster)"
+echo "ratio = qemu-img seconds / qimg seconds (above 1: qimg is faster); MiB = peak RSS"
