@@ -37,6 +37,8 @@ pub(crate) struct Refcounts {
     free_hint: u64,
     pending_free: Vec<u64>,
     gen: u64,
+    /// Host clusters holding refcount blocks (for overlap checks).
+    pub(crate) block_clusters: std::collections::HashSet<u64>,
 }
 
 /// A dirty refcount block captured for writing.
@@ -60,8 +62,14 @@ impl Refcounts {
         // Bounded by MAX_REFTABLE_BYTES at open.
         let mut buf = vec![0u8; len as usize];
         file.read_at(&mut buf, table_offset)?;
-        let table = buf.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let table: Vec<u64> = buf.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let block_clusters = table
+            .iter()
+            .map(|e| (e & REFTABLE_OFFSET_MASK) >> cluster_bits)
+            .filter(|&c| c != 0)
+            .collect();
         Ok(Refcounts {
+            block_clusters,
             cluster_bits,
             order,
             per_block: rc::entries_per_block(cluster_bits, order),
@@ -247,6 +255,7 @@ impl Refcounts {
         for k in first_blk..=last_blk {
             if table[k as usize] & REFTABLE_OFFSET_MASK == 0 {
                 table[k as usize] = next * cs;
+                self.block_clusters.insert(next);
                 new_blocks.push((k, next));
                 next += 1;
             }
@@ -371,6 +380,12 @@ impl Refcounts {
                 b.written_gen = b.written_gen.max(d.gen);
             }
         }
+    }
+
+    /// The host byte range of the refcount table.
+    pub(crate) fn table_range(&self) -> (u64, u64) {
+        let len = (self.table.len() as u64 * 8).div_ceil(self.cs()) * self.cs();
+        (self.table_offset, self.table_offset + len)
     }
 
     /// Whether any block has unwritten changes.

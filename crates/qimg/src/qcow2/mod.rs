@@ -73,6 +73,8 @@ pub struct Qcow2 {
     ws_cond: Condvar,
     flush_lock: Mutex<()>,
     io_gate: RwLock<()>,
+    /// Set once a runtime inconsistency marked the image corrupt; writes then fail.
+    corrupt: std::sync::atomic::AtomicBool,
     backing: Option<Arc<dyn Image>>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
@@ -236,6 +238,12 @@ impl Qcow2 {
                 in_flight: Default::default(),
                 marked_dirty: false,
                 lazy: h.compatible_features & header::compat::LAZY_REFCOUNTS != 0,
+                l2_clusters: l1
+                    .iter()
+                    .map(|e| l2::l1_offset(*e) >> cluster_bits)
+                    .filter(|&c| c != 0)
+                    .collect(),
+                fixed_meta: Self::fixed_metadata(&h, &snapshots),
             })
         } else {
             None
@@ -259,6 +267,7 @@ impl Qcow2 {
             ws_cond: Condvar::new(),
             flush_lock: Mutex::new(()),
             io_gate: RwLock::new(()),
+            corrupt: std::sync::atomic::AtomicBool::new(false),
             backing: None,
             snapshots,
             bitmaps,
@@ -291,6 +300,51 @@ impl Qcow2 {
             out.push(s);
         }
         Ok(out)
+    }
+
+    /// The metadata ranges QEMU's overlap checks protect that do not move while the image
+    /// is written: header, active L1, snapshot table and snapshot L1 tables, and the bitmap
+    /// directory while the bitmaps extension is marked consistent.
+    fn fixed_metadata(h: &Header, snapshots: &[Snapshot]) -> Vec<(u64, u64, &'static str)> {
+        let cs = h.cluster_size();
+        let mut v = vec![(0, cs, "main header")];
+        v.push((
+            h.l1_table_offset,
+            h.l1_table_offset + (h.l1_size as u64 * 8).max(1),
+            "active L1 table",
+        ));
+        if h.nb_snapshots > 0 {
+            let mut len = 0u64;
+            for s in snapshots {
+                len += (40
+                    + 24
+                    + s.unknown_extra.len() as u64
+                    + s.id.len() as u64
+                    + s.name.len() as u64)
+                    .div_ceil(8)
+                    * 8;
+                v.push((
+                    s.l1_table_offset,
+                    s.l1_table_offset + (s.l1_size as u64 * 8).max(1),
+                    "inactive L1 table",
+                ));
+            }
+            v.push((
+                h.snapshots_offset,
+                h.snapshots_offset + len.max(1),
+                "snapshot table",
+            ));
+        }
+        if let Some(b) = h.bitmaps {
+            if h.autoclear_features & header::autoclear::BITMAPS != 0 {
+                v.push((
+                    b.directory_offset,
+                    b.directory_offset + b.directory_size.max(1),
+                    "bitmap directory",
+                ));
+            }
+        }
+        v
     }
 
     /// Checks the bitmaps header extension itself (QEMU does this at every open).

@@ -46,6 +46,11 @@ pub(crate) struct WriteState {
     /// The dirty bit is set on disk (lazy refcounts).
     pub(crate) marked_dirty: bool,
     pub(crate) lazy: bool,
+    /// Host clusters of the active L2 tables (for overlap checks).
+    pub(crate) l2_clusters: HashSet<u64>,
+    /// Fixed metadata ranges (header, L1, snapshot table and L1s, bitmap directory),
+    /// by name, as QEMU's overlap checks name them.
+    pub(crate) fixed_meta: Vec<(u64, u64, &'static str)>,
 }
 
 /// What phase 1 of a cluster write decided.
@@ -69,6 +74,75 @@ enum Plan {
 const MAX_DIRTY_SLICES: usize = 4096;
 
 impl Qcow2 {
+    /// Which metadata structure `[host, host+len)` would overwrite, if any (QEMU's
+    /// "cached" overlap checks: everything but inactive L2 tables). `except` names a
+    /// structure the write legitimately targets.
+    pub(crate) fn overlap(
+        &self,
+        st: &WriteState,
+        host: u64,
+        len: u64,
+        except: Option<&str>,
+    ) -> Option<&'static str> {
+        let end = host + len.max(1);
+        for &(a, b, name) in &st.fixed_meta {
+            if host < b && a < end && except != Some(name) {
+                return Some(name);
+            }
+        }
+        let (ra, rb) = st.refs.table_range();
+        if host < rb && ra < end {
+            return Some("refcount table");
+        }
+        let (c0, c1) = (host >> self.cluster_bits, (end - 1) >> self.cluster_bits);
+        for c in c0..=c1 {
+            if st.refs.block_clusters.contains(&c) && except != Some("refcount block") {
+                return Some("refcount block");
+            }
+            if st.l2_clusters.contains(&c) && except != Some("active L2 table") {
+                return Some("active L2 table");
+            }
+        }
+        None
+    }
+
+    /// Marks the image corrupt (header bit, synced) and makes further writes fail, as
+    /// QEMU does on a runtime inconsistency in a writable image.
+    pub(crate) fn signal_corruption(&self, msg: &str) -> Error {
+        use std::sync::atomic::Ordering;
+        if !self.corrupt.swap(true, Ordering::SeqCst) {
+            eprintln!(
+                "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+            );
+            let mut b = [0u8; 8];
+            put64(
+                &mut b,
+                0,
+                self.header.incompatible_features | incompat::CORRUPT,
+            );
+            let _ = self.file.write_at(&b, 72).and_then(|()| self.file.flush());
+        }
+        Error::io(
+            "Image is corrupt",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        )
+    }
+
+    /// Fails writes once the image was marked corrupt; turns runtime corruption found by
+    /// a write into the corrupt bit.
+    fn guard<T>(&self, r: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.corrupt.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::io(
+                "Image is corrupt",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        match r() {
+            Err(Error::Corrupt(m)) => Err(self.signal_corruption(&m)),
+            other => other,
+        }
+    }
+
     fn ws(&self) -> Result<std::sync::MutexGuard<'_, Option<WriteState>>> {
         let g = self.ws.lock().unwrap();
         if g.is_none() {
@@ -132,7 +206,9 @@ impl Qcow2 {
         }
         if old != 0 {
             st.refs.free_later(old >> self.cluster_bits);
+            st.l2_clusters.remove(&(old >> self.cluster_bits));
         }
+        st.l2_clusters.insert(new >> self.cluster_bits);
         self.l1.write().unwrap()[l1i as usize] = new | COPIED;
         st.l1_dirty = true;
         Ok(new)
@@ -294,6 +370,20 @@ impl Qcow2 {
                 return Err(e);
             }
         };
+        // Data must never land on metadata, whatever the L2 entry says.
+        let target = match plan {
+            Plan::InPlace(h) if !df => Some((h + a, data.len() as u64)),
+            Plan::Link { host, region, .. } if !df => Some((host + region.0, region.1 - region.0)),
+            _ => None,
+        };
+        if let Some((at, len)) = target {
+            if let Some(what) = self.overlap(g.as_ref().unwrap(), at, len, None) {
+                self.release(&mut g, gc);
+                return Err(Error::Corrupt(format!(
+                    "Preventing invalid write on metadata (overlaps with {what})"
+                )));
+            }
+        }
         if let Plan::InPlace(h) = plan {
             // Hold the I/O gate so a concurrent discard cannot free and reuse the cluster
             // before this write lands.
@@ -389,6 +479,10 @@ impl Qcow2 {
     }
 
     pub(crate) fn do_write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.guard(|| self.do_write_inner(buf, offset))
+    }
+
+    fn do_write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0usize;
@@ -460,6 +554,10 @@ impl Qcow2 {
     }
 
     pub(crate) fn do_write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.guard(|| self.do_write_zeroes_inner(offset, len, may_unmap))
+    }
+
+    fn do_write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(offset, len)?;
         let raw_df =
             self.header.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0;
@@ -505,6 +603,10 @@ impl Qcow2 {
     }
 
     pub(crate) fn do_discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.guard(|| self.do_discard_inner(offset, len))
+    }
+
+    fn do_discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         let cs = self.cluster_size();
         let end = offset + len;
@@ -544,6 +646,15 @@ impl Qcow2 {
             } else {
                 None
             };
+            let slice_bytes = self.l2_cache.slice_bytes() as u64;
+            for (host, _) in &slices {
+                if let Some(what) = self.overlap(st, *host, slice_bytes, Some("active L2 table")) {
+                    let msg =
+                        format!("Preventing invalid write on metadata (overlaps with {what})");
+                    drop(g);
+                    return Err(self.signal_corruption(&msg));
+                }
+            }
             (blocks, slices, l1, st.refs.take_pending(), lazy)
         };
         if let Some(d) = &self.data_file {
