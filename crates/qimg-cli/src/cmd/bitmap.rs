@@ -236,9 +236,8 @@ fn execute(ctx: &Ctx, o: &BitmapOpts) -> Result<(), i32> {
     let img = open(ctx, &file, &opts)?;
     open_warnings(ctx, img.as_ref());
     let src = match &o.source_file {
-        // The same file as the target is read through the target (a second open would
-        // conflict with our own write lock).
-        Some(b) if same_file(b, &file) => None,
+        // Even the target's own file is opened again, so, as with qemu-img, naming it
+        // with -b fails on the image lock.
         Some(b) => {
             let s = open(ctx, b, &ro_options(o.source_format.clone(), false))?;
             open_warnings(ctx, s.as_ref());
@@ -267,13 +266,6 @@ fn execute(ctx: &Ctx, o: &BitmapOpts) -> Result<(), i32> {
         return Err(1);
     }
     Ok(())
-}
-
-fn same_file(a: &str, b: &str) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }
 
 type ActionError<'a> = (&'a BitmapAction, qimg::Error);
