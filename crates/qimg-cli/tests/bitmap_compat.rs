@@ -61,7 +61,10 @@ fn mk(dir: &Path, opts: &str, name: &str, size: &str) {
     qemu_img_ok(dir, &a);
 }
 
-fn bits(path: &Path) -> Vec<(String, bool, u64, Vec<(u64, u64)>)> {
+/// Name, enabled, granularity and set ranges of one bitmap.
+type BitmapBits = (String, bool, u64, Vec<(u64, u64)>);
+
+fn bits(path: &Path) -> Vec<BitmapBits> {
     let st = Arc::new(FileStorage::open(path, false).unwrap());
     let q = Qcow2::open(st, Qcow2Options::default()).unwrap();
     q.bitmap_list()

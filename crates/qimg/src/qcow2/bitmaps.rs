@@ -280,7 +280,7 @@ fn get_bit(b: &[u8], i: u64) -> bool {
 
 /// Sets bits `[s, e)` of `b` (LSB-first layout).
 fn set_range(b: &mut [u8], mut s: u64, e: u64) {
-    while s < e && s % 8 != 0 {
+    while s < e && !s.is_multiple_of(8) {
         b[(s / 8) as usize] |= 1 << (s % 8);
         s += 1;
     }
@@ -296,7 +296,7 @@ fn set_range(b: &mut [u8], mut s: u64, e: u64) {
 /// Clears every bit from `s` on.
 fn clear_from(b: &mut [u8], s: u64) {
     let byte = (s / 8) as usize;
-    if s % 8 != 0 {
+    if !s.is_multiple_of(8) {
         b[byte] &= (1u8 << (s % 8)) - 1;
         b[byte + 1..].fill(0);
     } else {
@@ -310,7 +310,7 @@ fn same_run(b: &[u8], s: u64, e: u64) -> u64 {
     let whole = if v { 0xff } else { 0 };
     let mut i = s;
     while i < e {
-        if i % 8 == 0 && i + 8 <= e && b[(i / 8) as usize] == whole {
+        if i.is_multiple_of(8) && i + 8 <= e && b[(i / 8) as usize] == whole {
             i += 8;
             continue;
         }
@@ -468,7 +468,7 @@ impl Qcow2 {
         let end = offset.saturating_add(len);
         for b in set.list.iter_mut().filter(|b| b.enabled && !b.inconsistent) {
             let g = b.granularity_bits;
-            b.set_bits(file, cs, offset >> g, (end - 1 >> g) + 1)?;
+            b.set_bits(file, cs, offset >> g, ((end - 1) >> g) + 1)?;
         }
         set.changed = true;
         Ok(())
