@@ -8,7 +8,6 @@
 //! One deliberate difference: without `-b`, TCP listens on 127.0.0.1, not 0.0.0.0.
 //! Exporting a disk to every network the host is on should be a decision, not a default.
 
-use crate::meta::DIRTY_BITMAP_PREFIX;
 use crate::proto::MAX_STRING;
 use crate::server::{CacheMode, DetectZeroes, Discard, Export, Server, ServerConfig};
 use crate::stream::Listener;
@@ -581,12 +580,12 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
             o.image
         );
     }
-    // Dirty bitmaps plug in as `MetaContext`s once the library can read them; until then
-    // every requested bitmap is, as far as we can tell, missing.
-    if let Some(b) = o.bitmaps.first() {
-        return Err(format!("Bitmap '{b}' is not found"));
+    // Bitmaps are looked up in the image itself (below any `-s` overlay), and refused
+    // with qemu-nbd's messages when missing or inconsistent.
+    let mut bitmap_contexts: Vec<Arc<dyn crate::meta::MetaContext>> = Vec::new();
+    for b in &o.bitmaps {
+        bitmap_contexts.push(Arc::new(crate::meta::DirtyBitmap::new(image.clone(), b)?));
     }
-    let _ = DIRTY_BITMAP_PREFIX;
 
     let mut socket_path: Option<PathBuf> = None;
     let listener: Listener = if let Some(sock) = &o.socket {
@@ -641,6 +640,7 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
     export.description = o.description.clone();
     export.read_only = o.read_only;
     export.allocation_depth = o.allocation_depth;
+    export.bitmaps = bitmap_contexts;
     let config = ServerConfig {
         max_connections: o.shared,
         persistent: o.persistent,

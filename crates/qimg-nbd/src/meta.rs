@@ -1,8 +1,8 @@
 //! Metadata contexts for `NBD_CMD_BLOCK_STATUS`.
 //!
 //! A context is an object answering "what is the status of the bytes from here on": the
-//! server needs nothing else from it, so new sources (persistent dirty bitmaps, once the
-//! library can read them) plug in by implementing [`MetaContext`] and being listed in
+//! server needs nothing else from it, so new sources plug in by implementing
+//! [`MetaContext`]; persistent dirty bitmaps ([`DirtyBitmap`]) are listed in
 //! [`crate::Export::bitmaps`].
 
 use crate::proto::state;
@@ -179,6 +179,83 @@ impl MetaContext for AllocationDepth {
             |e| if e.present { e.depth + 1 } else { 0 },
             0,
         )
+    }
+}
+
+/// `qemu:dirty-bitmap:NAME`: `NBD_STATE_DIRTY` where the persistent bitmap has its bit
+/// set. The bits are read live from the image, so writes through a writable export show
+/// up at once (for enabled bitmaps), as in QEMU.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    context: String,
+    bitmap: String,
+    image: Arc<dyn Image>,
+}
+
+impl DirtyBitmap {
+    /// The context for bitmap `name`, found in `image` or, as QEMU searches, the first
+    /// layer below it that has one by that name. Errors carry qemu-nbd's messages.
+    pub fn new(image: Arc<dyn Image>, name: &str) -> Result<DirtyBitmap, String> {
+        let mut layer = Some(image);
+        while let Some(l) = layer {
+            if let Some(q) = l.as_any().downcast_ref::<qimg::qcow2::Qcow2>() {
+                match q.bitmap_usable(name) {
+                    Ok(_) => {
+                        return Ok(DirtyBitmap {
+                            context: format!("{DIRTY_BITMAP_PREFIX}{name}"),
+                            bitmap: name.to_string(),
+                            image: l,
+                        })
+                    }
+                    Err(qimg::Error::NotFound(_)) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            layer = l.backing().cloned();
+        }
+        Err(format!("Bitmap '{name}' is not found"))
+    }
+
+    fn qcow2(&self) -> qimg::Result<&qimg::qcow2::Qcow2> {
+        self.image
+            .as_any()
+            .downcast_ref::<qimg::qcow2::Qcow2>()
+            .ok_or_else(|| qimg::Error::NotFound(format!("Bitmap '{}' is not found", self.bitmap)))
+    }
+}
+
+impl MetaContext for DirtyBitmap {
+    fn name(&self) -> &str {
+        &self.context
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+        out: &mut Vec<(u64, u32)>,
+    ) -> qimg::Result<()> {
+        let q = self.qcow2()?;
+        let end = offset.saturating_add(len);
+        let start_count = out.len();
+        let mut pos = offset;
+        while pos < end {
+            // Past the bitmap (the export's sector round-up) the run reads as clean.
+            let (n, dirty) = q.bitmap_run(&self.bitmap, pos, end - pos)?;
+            let n = n.clamp(1, end - pos);
+            let flags = if dirty { state::DIRTY } else { 0 };
+            let full = out.len() - start_count >= max;
+            if full && out.last().map(|l| l.1) != Some(flags) {
+                break;
+            }
+            push_extent(out, n, flags);
+            pos += n;
+        }
+        if out.len() == start_count {
+            out.push((len, 0));
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,10 @@
 //! `qemu-img bitmap`: add, remove, clear, enable, disable or merge persistent bitmaps.
 use crate::args::{HasArg, Item, Key, LongOpt};
-use crate::ctx::{run_getopt, Ctx, Parsed};
+use crate::cmd::common::{as_qcow2, image_spec, open, ro_options};
+use crate::ctx::{eprint_ignore, run_getopt, Ctx, Parsed};
 use crate::opts::cvtnum;
+use qimg::image::Image;
+use qimg::open::OpenOptions;
 
 const CMD: &str = "bitmap";
 
@@ -176,7 +179,161 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<BitmapOpts> {
 /// Runs `bitmap`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => match execute(ctx, &opts) {
+            Ok(()) => 0,
+            Err(code) => code,
+        },
         Parsed::Exit(code) => code,
+    }
+}
+
+impl BitmapAction {
+    /// The operation's name in qemu-img's failure message.
+    fn verb(&self) -> &'static str {
+        match self {
+            BitmapAction::Add => "add",
+            BitmapAction::Remove => "remove",
+            BitmapAction::Clear => "clear",
+            BitmapAction::Enable => "enable",
+            BitmapAction::Disable => "disable",
+            BitmapAction::Merge(_) => "merge",
+        }
+    }
+}
+
+/// Prints the warnings QEMU gives when opening `img`.
+fn open_warnings(ctx: &Ctx, img: &dyn Image) {
+    if let Some(q) = as_qcow2(img) {
+        for w in q.warnings() {
+            ctx.warn(w);
+            eprint_ignore(
+                "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.\n",
+            );
+        }
+    }
+}
+
+/// Why an operation failed, with the hint qemu-img adds for inconsistent bitmaps.
+fn failure(e: &qimg::Error) -> String {
+    let m = e.to_string();
+    if m.ends_with("is inconsistent and cannot be used") {
+        format!("{m}\nTry block-dirty-bitmap-remove to delete this bitmap from disk")
+    } else {
+        m
+    }
+}
+
+/// Opens the image read-write (and the `-b` image read-only), then applies the
+/// operations in order. As in qemu-img, the first failure stops the run; what was done
+/// before it is kept (the image is closed normally).
+fn execute(ctx: &Ctx, o: &BitmapOpts) -> Result<(), i32> {
+    let (file, fmt) = image_spec(ctx, &o.filename, o.format.clone(), o.image_opts)?;
+    let opts = OpenOptions {
+        format: fmt,
+        writable: true,
+        ..Default::default()
+    };
+    let img = open(ctx, &file, &opts)?;
+    open_warnings(ctx, img.as_ref());
+    let src = match &o.source_file {
+        // Even the target's own file is opened again, so, as with qemu-img, naming it
+        // with -b fails on the image lock.
+        Some(b) => {
+            let s = open(ctx, b, &ro_options(o.source_format.clone(), false))?;
+            open_warnings(ctx, s.as_ref());
+            Some(s)
+        }
+        None => None,
+    };
+    let result = apply_all(o, img.as_ref(), src.as_deref());
+    let closed = match as_qcow2(img.as_ref()) {
+        Some(q) => q.close(),
+        None => img.flush(),
+    };
+    if let Err((act, e)) = result {
+        ctx.error(&format!(
+            "Operation {} on bitmap {} failed: {}",
+            act.verb(),
+            o.bitmap,
+            failure(&e)
+        ));
+        return Err(1);
+    }
+    if let Err(e) = closed {
+        ctx.error(&format!(
+            "Lost persistent bitmaps during inactivation of node '#block0': {e}"
+        ));
+        return Err(1);
+    }
+    Ok(())
+}
+
+type ActionError<'a> = (&'a BitmapAction, qimg::Error);
+
+fn apply_all<'a>(
+    o: &'a BitmapOpts,
+    img: &dyn Image,
+    src: Option<&dyn Image>,
+) -> Result<(), ActionError<'a>> {
+    for act in &o.actions {
+        apply(o, act, img, src).map_err(|e| (act, e))?;
+    }
+    Ok(())
+}
+
+fn apply(
+    o: &BitmapOpts,
+    act: &BitmapAction,
+    img: &dyn Image,
+    src: Option<&dyn Image>,
+) -> qimg::Result<()> {
+    let name = o.bitmap.as_str();
+    let Some(q) = as_qcow2(img) else {
+        // Formats without persistent bitmaps: qemu-img fails the same way.
+        return Err(match act {
+            BitmapAction::Add => qimg::Error::unsupported(
+                "Can't store persistent bitmaps to #block0: Operation not supported",
+            ),
+            _ => qimg::Error::NotFound(format!("Dirty bitmap '{name}' not found")),
+        });
+    };
+    match act {
+        BitmapAction::Add => {
+            let g = o
+                .granularity
+                .unwrap_or_else(|| q.cluster_size().clamp(4096, 65536));
+            q.bitmap_add(name, g, false)
+        }
+        BitmapAction::Remove => q.bitmap_remove(name),
+        BitmapAction::Clear => q.bitmap_clear(name),
+        BitmapAction::Enable => q.bitmap_set_enabled(name, true),
+        BitmapAction::Disable => q.bitmap_set_enabled(name, false),
+        BitmapAction::Merge(from) => {
+            // QEMU's order: the target must exist and be usable, then the source.
+            q.bitmap_usable(name)?;
+            let sq = match src {
+                None => q,
+                Some(s) => as_qcow2(s).ok_or_else(|| {
+                    qimg::Error::NotFound(format!("Dirty bitmap '{from}' not found"))
+                })?,
+            };
+            sq.bitmap_usable(from)?;
+            if sq.header().size != q.header().size {
+                return Err(qimg::Error::InvalidArgument(
+                    "Bitmaps are incompatible and can't be merged".into(),
+                ));
+            }
+            // Run by run, so memory does not grow with the number of set ranges.
+            let size = sq.header().size;
+            let mut pos = 0;
+            while pos < size {
+                let (n, dirty) = sq.bitmap_run(from, pos, size - pos)?;
+                if dirty {
+                    q.bitmap_merge_ranges(name, &[(pos, n)])?;
+                }
+                pos += n;
+            }
+            Ok(())
+        }
     }
 }

@@ -95,3 +95,82 @@ pub fn parse_directory(buf: &[u8], n: u32, cluster_size: u64) -> Result<Vec<Bitm
     }
     Ok(out)
 }
+
+/// Offset bits of a bitmap table entry (bits 9-55).
+pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of a bitmap table entry (bits 1-8 and 56-63).
+pub const TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Table entry flag: with offset 0, the whole cluster of bits is set.
+pub const TABLE_ALL_ONES: u64 = 1;
+
+/// Whether a bitmap table entry is one QEMU accepts when loading.
+pub fn table_entry_ok(e: u64, cluster_size: u64) -> bool {
+    let off = e & TABLE_OFFSET_MASK;
+    e & TABLE_RESERVED_MASK == 0
+        && off & (cluster_size - 1) == 0
+        && !(off != 0 && e & TABLE_ALL_ONES != 0)
+}
+
+/// Bitmap table entries needed for `size` guest bytes at `2^granularity_bits` per bit
+/// with `cluster_size`-byte data clusters (QEMU requires exactly this many on load).
+pub fn table_size_for(size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    let bits = size.div_ceil(1u64 << granularity_bits.min(63));
+    bits.div_ceil(cluster_size * 8)
+}
+
+impl BitmapEntry {
+    /// Appends the serialized entry (header, name, zero padding to 8 bytes) to `out`.
+    pub fn serialize(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + 24, 0);
+        let b = &mut out[start..];
+        super::put64(b, 0, self.table_offset);
+        super::put32(b, 8, self.table_size);
+        super::put32(b, 12, self.flags);
+        b[16] = self.typ;
+        b[17] = self.granularity_bits;
+        super::put16(b, 18, self.name.len() as u16);
+        super::put32(b, 20, self.extra.len() as u32);
+        out.extend_from_slice(&self.extra);
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_round_trip() {
+        let e = BitmapEntry {
+            table_offset: 0x30000,
+            table_size: 1,
+            flags: FLAG_AUTO,
+            typ: 1,
+            granularity_bits: 16,
+            extra: Vec::new(),
+            name: "bm0".into(),
+        };
+        let mut buf = Vec::new();
+        e.serialize(&mut buf);
+        e.serialize(&mut buf);
+        assert_eq!(buf.len(), 64);
+        let v = parse_directory(&buf, 2, 65536).unwrap();
+        assert_eq!(v, vec![e.clone(), e]);
+    }
+
+    #[test]
+    fn table_entries() {
+        let cs = 65536;
+        assert!(table_entry_ok(0, cs));
+        assert!(table_entry_ok(1, cs));
+        assert!(table_entry_ok(0x10000, cs));
+        assert!(!table_entry_ok(0x10001, cs));
+        assert!(!table_entry_ok(2, cs));
+        assert!(!table_entry_ok(0x200, cs));
+        assert!(!table_entry_ok(1 << 60, cs));
+        assert_eq!(table_size_for(64 << 20, 16, cs), 1);
+        assert_eq!(table_size_for(1 << 40, 9, 512), 1 << 19);
+    }
+}

@@ -5,6 +5,7 @@
 //! lock, so many threads can read one image at once.
 
 mod alloc;
+pub mod bitmaps;
 mod cache;
 pub mod check;
 pub mod compress;
@@ -78,6 +79,12 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn Image>>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
+    /// Persistent bitmaps in memory (see `bitmaps.rs`; lock before `ws`).
+    bm: Mutex<bitmaps::BitmapSet>,
+    /// Some bitmap records writes (lets the write hook skip the lock otherwise).
+    bm_active: std::sync::atomic::AtomicBool,
+    /// Warnings QEMU would print when opening this image.
+    warnings: Vec<String>,
     last_decompressed: Mutex<Option<DecompressedCluster>>,
     /// Whether the image looks metadata-preallocated (decided on first use).
     metadata_prealloc: std::sync::OnceLock<bool>,
@@ -216,9 +223,35 @@ impl Qcow2 {
         } else {
             Vec::new()
         };
-        Self::validate_bitmaps_ext(&h)?;
-        // QEMU refuses a broken bitmap directory even when opening for check.
-        let bitmaps = Self::read_bitmaps(file.as_ref(), &h)?;
+        let mut warnings = Vec::new();
+        let mut drop_bitmaps_ext = false;
+        let (bitmaps, bm) = if h.bitmaps.is_some()
+            && h.autoclear_features & header::autoclear::BITMAPS == 0
+        {
+            // Something that does not know bitmaps wrote the image since they were stored:
+            // QEMU ignores the extension (bitmaps gone, their clusters leaked) and drops
+            // it from the header once it writes.
+            warnings.push("a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent".to_string());
+            drop_bitmaps_ext = opts.writable && !opts.check;
+            (Vec::new(), bitmaps::BitmapSet::default())
+        } else {
+            Self::validate_bitmaps_ext(&h)?;
+            // QEMU refuses a broken bitmap directory even when opening for check.
+            let bitmaps = Self::read_bitmaps(file.as_ref(), &h)?;
+            let bm = if opts.check {
+                bitmaps::BitmapSet::default()
+            } else {
+                bitmaps::load(file.as_ref(), &h, &bitmaps)?
+            };
+            (bitmaps, bm)
+        };
+        if drop_bitmaps_ext {
+            let mut h2 = h.clone();
+            h2.bitmaps = None;
+            let out = h2.serialize()?;
+            file.write_at(&out, 0)?;
+            file.flush()?;
+        }
 
         let ws = if opts.writable && !opts.check {
             if h.incompatible_features & header::incompat::DIRTY != 0 {
@@ -255,7 +288,7 @@ impl Qcow2 {
         } else {
             cluster_bits
         };
-        Ok(Qcow2 {
+        let q = Qcow2 {
             file,
             data_file: None,
             cluster_bits,
@@ -271,11 +304,21 @@ impl Qcow2 {
             backing: None,
             snapshots,
             bitmaps,
+            bm: Mutex::new(bm),
+            bm_active: Default::default(),
+            warnings,
             last_decompressed: Mutex::new(None),
             metadata_prealloc: std::sync::OnceLock::new(),
             header: h,
             opts,
-        })
+        };
+        q.bm_open()?;
+        Ok(q)
+    }
+
+    /// Warnings QEMU prints when it opens this image (front ends show them).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     fn read_snapshots(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>> {
@@ -426,7 +469,8 @@ impl Qcow2 {
         &self.snapshots
     }
 
-    /// Persistent bitmaps.
+    /// The bitmap directory as read at open (see [`Qcow2::bitmap_list`] for the live
+    /// state).
     pub fn bitmaps(&self) -> &[BitmapEntry] {
         &self.bitmaps
     }
@@ -758,6 +802,7 @@ impl Qcow2 {
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; callers who care call close() first.
+        let _ = self.bm_store();
         let _ = self.flush_metadata(true);
     }
 }

@@ -484,6 +484,8 @@ impl Qcow2 {
 
     fn do_write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        // Dirty bitmaps record the request before any of it can reach the disk.
+        self.bm_note_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -559,6 +561,7 @@ impl Qcow2 {
 
     fn do_write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(offset, len)?;
+        self.bm_note_write(offset, len)?;
         let raw_df =
             self.header.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0;
         let cs = self.cluster_size();
@@ -608,6 +611,8 @@ impl Qcow2 {
 
     fn do_discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        // QEMU marks the whole requested range, even the parts too small to discard.
+        self.bm_note_write(offset, len)?;
         let cs = self.cluster_size();
         let end = offset + len;
         let first = offset.div_ceil(cs);
@@ -713,6 +718,9 @@ impl Qcow2 {
     /// Flushes everything and clears the dirty bit; call before dropping a writable image
     /// to see errors (drop does the same but can only ignore them).
     pub fn close(&self) -> Result<()> {
+        // Bitmaps first: storing them allocates clusters, whose refcounts the final
+        // flush writes (QEMU's qcow2_inactivate order).
+        self.bm_store()?;
         self.flush_metadata(true)
     }
 
