@@ -1,7 +1,7 @@
 //! `qemu-img convert`: copy one or more images into a new one, possibly converting the format.
 use crate::args::{HasArg, Item, Key, LongOpt};
 use crate::cmd::common::{open, ro_options};
-use crate::ctx::print_ignore;
+use crate::ctx::{eprint_ignore, print_ignore};
 use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::opts::{cvtnum, cvtnum_full, parse_snapshot_param, OptionList, SnapshotParam};
 use qimg::image::Image;
@@ -401,10 +401,6 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         ctx.error("convert -B is not implemented in qimg yet");
         return 1;
     }
-    if o.bitmaps {
-        ctx.error("convert --bitmaps is not implemented in qimg yet");
-        return 1;
-    }
     let mut sources: Vec<Arc<dyn Image>> = Vec::new();
     let snapshot = o.snapshot.as_ref().map(|s| match s {
         SnapshotParam::IdOrName(x) => SnapshotSel::IdOrName(x.clone()),
@@ -444,6 +440,38 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     if fmt != "raw" && fmt != "qcow2" {
         ctx.error(&format!("Unknown file format '{fmt}'"));
         return 1;
+    }
+    if o.bitmaps && fmt != "qcow2" {
+        ctx.error(&format!("Format driver '{fmt}' does not support bitmaps"));
+        return 1;
+    }
+    if o.bitmaps && sources.len() != 1 {
+        ctx.error("Copying bitmaps only possible with single source");
+        return 1;
+    }
+    // Bitmaps to copy, checked before any data moves (as qemu-img does).
+    let mut bitmaps = Vec::new();
+    if o.bitmaps {
+        if let Some(q) = crate::cmd::common::as_qcow2(sources[0].as_ref()) {
+            for b in q.bitmap_list() {
+                if b.inconsistent {
+                    if o.skip_broken_bitmaps {
+                        ctx.warn(&format!("Skipping inconsistent bitmap '{}'", b.name));
+                        continue;
+                    }
+                    ctx.error(&format!("Cannot copy inconsistent bitmap '{}'", b.name));
+                    eprint_ignore("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it\n");
+                    return 1;
+                }
+                match q.bitmap_dirty_ranges(&b.name) {
+                    Ok(r) => bitmaps.push((b, r)),
+                    Err(e) => {
+                        ctx.error(&e.to_string());
+                        return 1;
+                    }
+                }
+            }
+        }
     }
     if o.compress && fmt != "qcow2" {
         ctx.error("Compression not supported for this file format");
@@ -557,5 +585,31 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     if let Some(p) = &progress {
         p.finish();
     }
+    if !bitmaps.is_empty() {
+        if let Err(e) = copy_bitmaps(&o.target, &bitmaps) {
+            ctx.error(&e.to_string());
+            return 1;
+        }
+    }
     0
+}
+
+/// Recreates the source's persistent bitmaps in the converted target.
+fn copy_bitmaps(
+    target: &str,
+    bitmaps: &[(qimg::qcow2::bitmaps::BitmapInfo, Vec<(u64, u64)>)],
+) -> qimg::Result<()> {
+    let opts = OpenOptions {
+        format: Some("qcow2".into()),
+        writable: true,
+        ..Default::default()
+    };
+    let img = qimg::open::open_image(Path::new(target), &opts)?;
+    let q = crate::cmd::common::as_qcow2(img.as_ref())
+        .ok_or_else(|| qimg::Error::unsupported("target is not qcow2"))?;
+    for (b, ranges) in bitmaps {
+        q.bitmap_add(&b.name, b.granularity, !b.enabled)?;
+        q.bitmap_merge_ranges(&b.name, ranges)?;
+    }
+    q.close()
 }
