@@ -9,6 +9,7 @@ mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod repair;
 mod write;
 pub mod writer;
 
@@ -109,7 +110,22 @@ impl Qcow2 {
     /// Opens a qcow2 image on `file`. Backing files and the external data file are
     /// attached afterwards by the caller ([`Qcow2::set_backing`], [`Qcow2::set_data_file`]),
     /// because where to find them is policy, not format.
+    ///
+    /// A writable (non-check) open of an image whose dirty bit is set (lazy refcounts,
+    /// not closed cleanly) first repairs it silently, as QEMU does ([`repair`]).
     pub fn open(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
+        if let Some(img) = Self::open_inner(file.clone(), opts.clone())? {
+            return Ok(img);
+        }
+        repair::repair_dirty(file.clone())?;
+        // The repair cleared the bit or failed; a bit still set is not retried.
+        Self::open_inner(file, opts)?
+            .ok_or_else(|| Error::Corrupt("Could not repair dirty image".into()))
+    }
+
+    /// Opens the image; `None` when a writable open finds the dirty bit set, which needs
+    /// a repair first.
+    fn open_inner(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Option<Qcow2>> {
         let mut first = vec![0u8; header::Header::min_read()];
         file.read_at(&mut first, 0)?;
         if first.len() >= 4 && crate::ondisk::be32(&first, 0) != header::MAGIC {
@@ -219,9 +235,8 @@ impl Qcow2 {
 
         let ws = if opts.writable && !opts.check {
             if h.incompatible_features & header::incompat::DIRTY != 0 {
-                return Err(Error::unsupported(
-                    "Image is dirty (lazy refcounts); repair it with 'qemu-img check -r all' first",
-                ));
+                // Refcounts may be stale: `open` repairs and comes back.
+                return Ok(None);
             }
             Some(WriteState {
                 refs: alloc::Refcounts::load(
@@ -246,7 +261,7 @@ impl Qcow2 {
         } else {
             cluster_bits
         };
-        Ok(Qcow2 {
+        Ok(Some(Qcow2 {
             file,
             data_file: None,
             cluster_bits,
@@ -265,7 +280,7 @@ impl Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             header: h,
             opts,
-        })
+        }))
     }
 
     fn read_snapshots(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>> {
