@@ -460,9 +460,10 @@ fn crash_case(p: &Path, mode: RepairMode, seed: u64) {
         } else {
             assert!(code != 1, "{name}: cut {cut}: check failed: {lines:?}");
             let low = too_low(&lines);
+            let new: Vec<_> = low.difference(&orig_low).take(10).collect();
             assert!(
-                low.is_subset(&orig_low),
-                "{name}: cut {cut}/{journal_len}: refcounts too low {low:?}, before {orig_low:?}"
+                new.is_empty(),
+                "{name}: cut {cut}/{journal_len}: refcounts too low now (first 10): {new:?}"
             );
             for l in lines.iter().filter(|l| l.starts_with("ERROR")) {
                 assert!(
@@ -518,14 +519,22 @@ fn crash_during_corruption_repair() {
 fn crash_during_rebuild() {
     let d = tmp();
     // Many refcount blocks and a multi-cluster refcount table, with a snapshot.
-    let p = create(d.path(), "rb.qcow2", "cluster_size=512,refcount_bits=64", "4M");
+    let p = create(
+        d.path(),
+        "rb.qcow2",
+        "cluster_size=512,refcount_bits=64",
+        "4M",
+    );
     io(&p, &["write -P 3 0 3M"]);
     run("qemu-img", &["snapshot", "-c", "s", p.to_str().unwrap()]);
     io(&p, &["write -P 4 0 64k"]);
     let host = r64(&p, l2_entry_at(&p, 40)) & OFFSET_MASK;
     set_refcount(&p, host >> 9, 0);
     set_refcount(&p, 7, 5);
-    assert!(r64(&p, 56) >> 32 >= 2, "want a refcount table of several clusters");
+    assert!(
+        r64(&p, 56) >> 32 >= 2,
+        "want a refcount table of several clusters"
+    );
     crash_case(&p, RepairMode::All, 3);
     // A refcount block past the end of the file (the file grows) and a dirty lazy image.
     let p = base(d.path(), "out.qcow2", "");
