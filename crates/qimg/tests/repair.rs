@@ -448,7 +448,7 @@ fn crash_case(p: &Path, mode: RepairMode, seed: u64) {
         let disk = match step % 3 {
             0 => fs.crash_image(cut, |_, _| false),
             1 => fs.crash_image(cut, |_, _| true),
-            _ => fs.crash_image(cut, |_, _| rng.next() % 2 == 0),
+            _ => fs.crash_image(cut, |_, _| rng.next().is_multiple_of(2)),
         };
         std::fs::write(&crash_path, &disk).unwrap();
         let (code, lines) = qemu_check(&crash_path);

@@ -456,7 +456,7 @@ pub(super) struct Checker<'a> {
 pub fn check(img: &Qcow2) -> Result<CheckReport> {
     let (mut c, snapshots, snap_size) = match Checker::start(img, Fix::NONE) {
         Ok(x) => x,
-        Err(r) => return Ok(r),
+        Err(r) => return Ok(*r),
     };
     if let Err(Stop(errno)) = c.run(&snapshots, snap_size) {
         c.fail(errno);
@@ -471,14 +471,14 @@ impl<'a> Checker<'a> {
     pub(super) fn start(
         img: &'a Qcow2,
         fix: Fix,
-    ) -> std::result::Result<(Checker<'a>, Vec<SnapInfo>, u64), CheckReport> {
+    ) -> std::result::Result<(Checker<'a>, Vec<SnapInfo>, u64), Box<CheckReport>> {
         let file = img.file().as_ref();
         let mut r = CheckReport::default();
         let (snapshots, snap_size) = match read_snapshot_table(img, &mut r) {
             Ok(s) => s,
             Err(Stop(errno)) => {
                 r.failure = Some(CheckFailure { errno });
-                return Err(r);
+                return Err(Box::new(r));
             }
         };
         let file_len = match file.len() {
@@ -486,7 +486,7 @@ impl<'a> Checker<'a> {
             Err(e) => {
                 r.check_errors += 1;
                 r.failure = Some(CheckFailure { errno: e.errno() });
-                return Err(r);
+                return Err(Box::new(r));
             }
         };
         let h = img.header();
@@ -496,14 +496,14 @@ impl<'a> Checker<'a> {
         if nb_clusters > i32::MAX as u64 {
             r.check_errors += 1;
             r.failure = Some(CheckFailure { errno: libc::EFBIG });
-            return Err(r);
+            return Err(Box::new(r));
         }
         let refs = match RefArray::new(h.refcount_order, nb_clusters) {
             Ok(a) => a,
             Err(Stop(errno)) => {
                 r.check_errors += 1;
                 r.failure = Some(CheckFailure { errno });
-                return Err(r);
+                return Err(Box::new(r));
             }
         };
         // QEMU counts whole 512-byte sectors of the virtual size.

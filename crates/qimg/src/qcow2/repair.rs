@@ -192,7 +192,7 @@ fn recheck(file: Arc<dyn Storage>) -> CheckReport {
 fn run_pass(img: &Qcow2, fix: Fix) -> CheckReport {
     let (mut c, snapshots, snap_size) = match Checker::start(img, fix) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(Stop(errno)) = refcount_pass(&mut c, &snapshots, snap_size) {
         c.fail(errno);
