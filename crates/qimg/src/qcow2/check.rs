@@ -1229,8 +1229,19 @@ impl Checker<'_> {
             Some(e) if e <= i64::MAX as u64 => e,
             _ => return self.refblock_resize_failed(libc::EINVAL),
         };
-        if let Err(e) = self.file.set_len(end) {
-            return self.refblock_resize_failed(e.errno());
+        // Unlike QEMU, do not let an absurd table entry blow the file (and the computed
+        // refcount array, sized by it) up to terabytes: such a block is left to the
+        // rebuild instead.
+        let grown = if end > self.file_len.saturating_mul(2).max(1 << 30) {
+            Err(libc::EFBIG)
+        } else {
+            self.file.set_len(end).map_err(|e| e.errno())
+        };
+        if let Err(errno) = grown {
+            // The file layer's own error line comes first, as in QEMU.
+            self.r
+                .say_prefixed(format!("Could not resize file: {}", strerror(errno)));
+            return self.refblock_resize_failed(errno);
         }
         let len = match self.file.len() {
             Ok(l) => l,
