@@ -537,9 +537,9 @@ fn crash_during_rebuild() {
         d.path(),
         "rb.qcow2",
         "cluster_size=512,refcount_bits=64",
-        "4M",
+        "3M",
     );
-    io(&p, &["write -P 3 0 3M"]);
+    io(&p, &["write -P 3 0 2176k"]);
     run("qemu-img", &["snapshot", "-c", "s", p.to_str().unwrap()]);
     io(&p, &["write -P 4 0 64k"]);
     let host = r64(&p, l2_entry_at(&p, 40)) & OFFSET_MASK;
