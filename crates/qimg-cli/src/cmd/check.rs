@@ -6,6 +6,8 @@ use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::fmt::to_json_pretty;
 use crate::opts::{OutputFormat, RepairMode};
 use qimg::open::OpenOptions;
+use qimg::qcow2::check::CheckReport;
+use qimg::qcow2::repair;
 use serde_json::{json, Map, Value};
 
 const CMD: &str = "check";
@@ -138,18 +140,22 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
-    if o.repair.is_some() {
-        ctx.error("Repair (-r) is not implemented in qimg yet");
-        return 1;
-    }
     let (filename, format) =
         match crate::cmd::common::image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
             Ok(x) => x,
             Err(c) => return c,
         };
+    if o.repair.is_some() && o.force_share {
+        // qemu-img opens read/write for -r, which shared mode forbids.
+        ctx.error(&format!(
+            "Could not open '{filename}': force-share=on can only be used with read-only images"
+        ));
+        return 1;
+    }
     let opts = OpenOptions {
         format,
         check: true,
+        writable: o.repair.is_some(),
         force_share: o.force_share,
         ..Default::default()
     };
@@ -161,48 +167,96 @@ fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
         ctx.error("This image format does not support checks");
         return 63;
     };
-    let r = match qimg::qcow2::check::check(q) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.error(&format!("Check failed: {e}"));
-            return 1;
+    let print_lines = |r: &CheckReport| {
+        for line in r.stderr_lines(&ctx.prog) {
+            eprint_ignore(&format!("{line}\n"));
         }
     };
-    for line in r.stderr_lines(&ctx.prog) {
-        eprint_ignore(&format!("{line}\n"));
-    }
-    if let Some(f) = &r.failure {
+    let fail = |r: &CheckReport| -> Option<i32> {
+        let f = r.failure.as_ref()?;
         ctx.error(&format!("Check failed: {}", f.strerror()));
-        return 1;
-    }
-    match o.output {
-        OutputFormat::Json => {
-            let mut m = Map::new();
-            m.insert("filename".into(), json!(filename));
-            m.insert("format".into(), json!("qcow2"));
-            m.insert("check-errors".into(), json!(r.check_errors));
-            let mut opt = |k: &str, v: u64| {
-                if v != 0 {
-                    m.insert(k.into(), json!(v));
+        Some(1)
+    };
+    let r = match o.repair {
+        None => match qimg::qcow2::check::check(q) {
+            Ok(r) => {
+                print_lines(&r);
+                if let Some(code) = fail(&r) {
+                    return code;
+                }
+                r
+            }
+            Err(e) => {
+                ctx.error(&format!("Check failed: {e}"));
+                return 1;
+            }
+        },
+        Some(mode) => {
+            let mode = match mode {
+                RepairMode::Leaks => repair::RepairMode::Leaks,
+                RepairMode::All => repair::RepairMode::All,
+            };
+            let rep = match repair::repair(q, mode) {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.error(&format!("Check failed: {e}"));
+                    return 1;
                 }
             };
-            opt("image-end-offset", r.image_end_offset);
-            opt("corruptions", r.corruptions);
-            opt("leaks", r.leaks);
-            opt("total-clusters", r.total_clusters);
-            opt("allocated-clusters", r.allocated_clusters);
-            opt("fragmented-clusters", r.fragmented_clusters);
-            opt("compressed-clusters", r.compressed_clusters);
-            print_ignore(&to_json_pretty(&Value::Object(m)));
+            print_lines(&rep.pass);
+            if let Some(code) = fail(&rep.pass) {
+                return code;
+            }
+            if let Some(again) = &rep.recheck {
+                if o.output == OutputFormat::Human && !o.quiet {
+                    print_ignore(&format!(
+                        "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                        rep.leaks_fixed(),
+                        rep.corruptions_fixed()
+                    ));
+                }
+                print_lines(again);
+                if let Some(code) = fail(again) {
+                    return code;
+                }
+            }
+            rep.result()
         }
-        OutputFormat::Human if !o.quiet => print_ignore(&human(&r)),
-        OutputFormat::Human => {}
+    };
+    if !o.quiet {
+        match o.output {
+            OutputFormat::Json => print_ignore(&json(&filename, &r)),
+            OutputFormat::Human => print_ignore(&human(&r)),
+        }
     }
     r.exit_code()
 }
 
+/// qemu-img's JSON check result (QAPI ImageCheck): optional members only when non-zero.
+fn json(filename: &str, r: &CheckReport) -> String {
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(filename));
+    m.insert("format".into(), json!("qcow2"));
+    m.insert("check-errors".into(), json!(r.check_errors));
+    let mut opt = |k: &str, v: u64| {
+        if v != 0 {
+            m.insert(k.into(), json!(v));
+        }
+    };
+    opt("image-end-offset", r.image_end_offset);
+    opt("corruptions", r.corruptions);
+    opt("leaks", r.leaks);
+    opt("corruptions-fixed", r.corruptions_fixed);
+    opt("leaks-fixed", r.leaks_fixed);
+    opt("total-clusters", r.total_clusters);
+    opt("allocated-clusters", r.allocated_clusters);
+    opt("fragmented-clusters", r.fragmented_clusters);
+    opt("compressed-clusters", r.compressed_clusters);
+    to_json_pretty(&Value::Object(m))
+}
+
 /// qemu-img's human check summary.
-fn human(r: &qimg::qcow2::check::CheckReport) -> String {
+fn human(r: &CheckReport) -> String {
     let mut s = String::new();
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
         s += "No errors were found on the image.\n";

@@ -19,8 +19,11 @@
 //! is bounded by a QEMU limit or by one cluster. No size read from the image is used to
 //! allocate before it has been checked against the file size or such a limit.
 //!
-//! Repair is not implemented here; [`CheckReport::findings`] and
-//! [`CheckReport::rebuild_needed`] carry what a repair needs.
+//! The same passes run in repair mode for [`super::repair`]: a [`Fix`] turns on QEMU's
+//! in-pass repairs (a refcount block past the end of the file, an unaligned preallocated
+//! zero cluster, refcount mismatches, COPIED flags) and the "Repairing" wording of their
+//! messages. Refcount changes made in repair mode stay in the refcount block cache until
+//! [`Checker::write_refblocks`] writes them.
 
 use super::Qcow2;
 use crate::error::Result;
@@ -28,7 +31,7 @@ use crate::ondisk::header::autoclear;
 use crate::ondisk::l2::{self, ClusterType};
 use crate::ondisk::{be16, be32, be64, refcount};
 use crate::storage::Storage;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// Largest L1 table QEMU accepts for a snapshot (QCOW_MAX_L1_SIZE, in entries).
 const MAX_SNAPSHOT_L1_ENTRIES: u64 = (32 << 20) / 8;
@@ -224,6 +227,42 @@ pub struct CheckReport {
     /// Set when the check stopped early; the figures above are then incomplete and
     /// `qemu-img` prints none of them (allocation figures and the end offset stay 0).
     pub failure: Option<CheckFailure>,
+    /// Leaked clusters repaired (JSON `leaks-fixed`); always 0 for a plain check.
+    pub leaks_fixed: u64,
+    /// Corruptions repaired (JSON `corruptions-fixed`); always 0 for a plain check.
+    pub corruptions_fixed: u64,
+}
+
+/// The counters of a [`CheckReport`], which QEMU's repair saves and restores around its
+/// passes (the messages are not part of them: every pass's lines are printed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Counts {
+    pub(super) corruptions: u64,
+    pub(super) leaks: u64,
+    pub(super) check_errors: u64,
+    pub(super) leaks_fixed: u64,
+    pub(super) corruptions_fixed: u64,
+}
+
+/// Which repairs a pass may make (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Fix {
+    /// Lower refcounts that are too high.
+    pub(super) leaks: bool,
+    /// Raise refcounts that are too low and repair the other structures QEMU repairs.
+    pub(super) errors: bool,
+}
+
+impl Fix {
+    /// Detection only.
+    pub(super) const NONE: Fix = Fix {
+        leaks: false,
+        errors: false,
+    };
+
+    pub(super) fn any(self) -> bool {
+        self.leaks || self.errors
+    }
 }
 
 impl CheckReport {
@@ -256,11 +295,11 @@ impl CheckReport {
         }
     }
 
-    fn say(&mut self, msg: String) {
+    pub(super) fn say(&mut self, msg: String) {
         self.messages.push(msg);
     }
 
-    fn say_prefixed(&mut self, msg: String) {
+    pub(super) fn say_prefixed(&mut self, msg: String) {
         self.prefixed.push(self.messages.len());
         self.messages.push(msg);
     }
@@ -270,10 +309,28 @@ impl CheckReport {
         self.findings.push(finding);
         self.messages.push(msg);
     }
+
+    pub(super) fn counts(&self) -> Counts {
+        Counts {
+            corruptions: self.corruptions,
+            leaks: self.leaks,
+            check_errors: self.check_errors,
+            leaks_fixed: self.leaks_fixed,
+            corruptions_fixed: self.corruptions_fixed,
+        }
+    }
+
+    pub(super) fn set_counts(&mut self, c: Counts) {
+        self.corruptions = c.corruptions;
+        self.leaks = c.leaks;
+        self.check_errors = c.check_errors;
+        self.leaks_fixed = c.leaks_fixed;
+        self.corruptions_fixed = c.corruptions_fixed;
+    }
 }
 
 /// The text of an errno, without Rust's " (os error N)" suffix.
-fn strerror(errno: i32) -> String {
+pub(super) fn strerror(errno: i32) -> String {
     let s = std::io::Error::from_raw_os_error(errno).to_string();
     match s.rfind(" (os error ") {
         Some(i) => s[..i].to_string(),
@@ -283,13 +340,13 @@ fn strerror(errno: i32) -> String {
 
 /// A failure that ends the check, carrying QEMU's errno.
 #[derive(Debug)]
-struct Stop(i32);
+pub(super) struct Stop(pub(super) i32);
 
-type Step<T = ()> = std::result::Result<T, Stop>;
+pub(super) type Step<T = ()> = std::result::Result<T, Stop>;
 
 /// Snapshot table fields the check needs, read independently of the open-time parse.
 #[derive(Debug, Clone)]
-struct SnapInfo {
+pub(super) struct SnapInfo {
     l1_table_offset: u64,
     l1_size: u32,
     extra_data_size: u32,
@@ -298,12 +355,13 @@ struct SnapInfo {
 }
 
 /// The computed refcounts, packed at the image's width (qemu's in-memory refcount table).
-struct RefArray {
+pub(super) struct RefArray {
     order: u32,
     max: u64,
-    data: Vec<u8>,
+    /// The packed entries; a refcount block's worth of them is a refcount block's bytes.
+    pub(super) data: Vec<u8>,
     /// Number of entries (clusters) the array covers.
-    len: u64,
+    pub(super) len: u64,
 }
 
 impl RefArray {
@@ -324,7 +382,7 @@ impl RefArray {
 
     /// Grows to cover `n` clusters; fails with ENOMEM like QEMU's realloc when the
     /// memory cannot be had.
-    fn grow(&mut self, n: u64) -> Step {
+    pub(super) fn grow(&mut self, n: u64) -> Step {
         if n <= self.len {
             return Ok(());
         }
@@ -340,35 +398,54 @@ impl RefArray {
         Ok(())
     }
 
-    fn get(&self, i: u64) -> u64 {
+    pub(super) fn get(&self, i: u64) -> u64 {
         if i >= self.len {
             return 0;
         }
         refcount::get(&self.data, self.order, i as usize)
     }
 
-    fn set(&mut self, i: u64, v: u64) {
+    /// Sets entry `i`, which must be below `len`.
+    pub(super) fn set(&mut self, i: u64, v: u64) {
         refcount::set(&mut self.data, self.order, i as usize, v);
+    }
+
+    /// Forgets every count, keeping the size.
+    pub(super) fn clear(&mut self) {
+        self.data.fill(0);
     }
 }
 
-struct Checker<'a> {
-    img: &'a Qcow2,
-    file: &'a dyn Storage,
-    file_len: u64,
-    cluster_bits: u32,
-    cs: u64,
+/// One check (or repair) pass over an image: QEMU's check state.
+pub(super) struct Checker<'a> {
+    pub(super) img: &'a Qcow2,
+    pub(super) file: &'a dyn Storage,
+    pub(super) file_len: u64,
+    pub(super) cluster_bits: u32,
+    pub(super) cs: u64,
     extended: bool,
     data_file: bool,
-    refs: RefArray,
+    pub(super) refs: RefArray,
     /// Largest cluster index a legitimate reference can reach: references may end less
     /// than one cluster past EOF. Anything beyond comes from offsets that wrapped in
     /// QEMU's signed arithmetic, where QEMU's array growth fails with ENOMEM.
     max_index: u64,
-    reftable: Vec<u64>,
-    refblocks: HashMap<u64, Vec<u8>>,
+    /// The refcount table in use; a rebuild switches these from the header's values.
+    pub(super) reftable_offset: u64,
+    pub(super) reftable_clusters: u64,
+    pub(super) reftable: Vec<u64>,
+    /// Cached refcount blocks by offset.
+    pub(super) refblocks: HashMap<u64, Vec<u8>>,
+    /// Cached refcount blocks changed by a repair and not yet written.
+    dirty_refblocks: BTreeSet<u64>,
+    /// Clusters whose refcount a repair dropped to zero (to be discarded, as QEMU does).
+    pub(super) freed: Vec<u64>,
     signaled_corruption: bool,
-    r: CheckReport,
+    /// Repairs this pass may make.
+    pub(super) fix: Fix,
+    /// The refcount structure must be rebuilt (QEMU's `rebuild`).
+    pub(super) rebuild: bool,
+    pub(super) r: CheckReport,
 }
 
 /// Checks `img` as `qemu-img check` (without `-r`) does and reports what it finds.
@@ -377,67 +454,94 @@ struct Checker<'a> {
 /// bitmap metadata do not stop the open. Problems in the image are reported in the
 /// returned [`CheckReport`], never as `Err`; the check itself does not fail on any input.
 pub fn check(img: &Qcow2) -> Result<CheckReport> {
-    let file = img.file().as_ref();
-    let mut r = CheckReport::default();
-    let (snapshots, snap_size) = match read_snapshot_table(img, &mut r) {
-        Ok(s) => s,
-        Err(Stop(errno)) => {
-            r.failure = Some(CheckFailure { errno });
-            return Ok(r);
-        }
+    let (mut c, snapshots, snap_size) = match Checker::start(img, Fix::NONE) {
+        Ok(x) => x,
+        Err(r) => return Ok(*r),
     };
-    let file_len = match file.len() {
-        Ok(l) => l,
-        Err(e) => {
-            r.check_errors += 1;
-            r.failure = Some(CheckFailure { errno: e.errno() });
-            return Ok(r);
-        }
-    };
-    let h = img.header();
-    let cluster_bits = h.cluster_bits;
-    let cs = h.cluster_size();
-    let nb_clusters = file_len.div_ceil(cs);
-    if nb_clusters > i32::MAX as u64 {
-        r.check_errors += 1;
-        r.failure = Some(CheckFailure { errno: libc::EFBIG });
-        return Ok(r);
-    }
-    let refs = match RefArray::new(h.refcount_order, nb_clusters) {
-        Ok(a) => a,
-        Err(Stop(errno)) => {
-            r.check_errors += 1;
-            r.failure = Some(CheckFailure { errno });
-            return Ok(r);
-        }
-    };
-    let mut c = Checker {
-        img,
-        file,
-        file_len,
-        cluster_bits,
-        cs,
-        extended: h.extended_l2(),
-        data_file: h.has_data_file(),
-        refs,
-        max_index: (file_len + cs - 1) >> cluster_bits,
-        reftable: Vec::new(),
-        refblocks: HashMap::new(),
-        signaled_corruption: false,
-        r,
-    };
-    // QEMU counts whole 512-byte sectors of the virtual size.
-    c.r.total_clusters = (h.size & !511).div_ceil(cs);
     if let Err(Stop(errno)) = c.run(&snapshots, snap_size) {
-        c.r.failure = Some(CheckFailure { errno });
-        // QEMU discards the allocation figures of a failed refcount check.
-        c.r.allocated_clusters = 0;
-        c.r.fragmented_clusters = 0;
-        c.r.compressed_clusters = 0;
-        c.r.total_clusters = 0;
-        c.r.image_end_offset = 0;
+        c.fail(errno);
     }
+    c.r.rebuild_needed = c.rebuild;
     Ok(c.r)
+}
+
+impl<'a> Checker<'a> {
+    /// Reads the snapshot table and sets up the computed refcount array; on failure
+    /// returns the finished report (QEMU's check ends there).
+    pub(super) fn start(
+        img: &'a Qcow2,
+        fix: Fix,
+    ) -> std::result::Result<(Checker<'a>, Vec<SnapInfo>, u64), Box<CheckReport>> {
+        let file = img.file().as_ref();
+        let mut r = CheckReport::default();
+        let (snapshots, snap_size) = match read_snapshot_table(img, &mut r) {
+            Ok(s) => s,
+            Err(Stop(errno)) => {
+                r.failure = Some(CheckFailure { errno });
+                return Err(Box::new(r));
+            }
+        };
+        let file_len = match file.len() {
+            Ok(l) => l,
+            Err(e) => {
+                r.check_errors += 1;
+                r.failure = Some(CheckFailure { errno: e.errno() });
+                return Err(Box::new(r));
+            }
+        };
+        let h = img.header();
+        let cluster_bits = h.cluster_bits;
+        let cs = h.cluster_size();
+        let nb_clusters = file_len.div_ceil(cs);
+        if nb_clusters > i32::MAX as u64 {
+            r.check_errors += 1;
+            r.failure = Some(CheckFailure { errno: libc::EFBIG });
+            return Err(Box::new(r));
+        }
+        let refs = match RefArray::new(h.refcount_order, nb_clusters) {
+            Ok(a) => a,
+            Err(Stop(errno)) => {
+                r.check_errors += 1;
+                r.failure = Some(CheckFailure { errno });
+                return Err(Box::new(r));
+            }
+        };
+        // QEMU counts whole 512-byte sectors of the virtual size.
+        r.total_clusters = (h.size & !511).div_ceil(cs);
+        let c = Checker {
+            img,
+            file,
+            file_len,
+            cluster_bits,
+            cs,
+            extended: h.extended_l2(),
+            data_file: h.has_data_file(),
+            refs,
+            max_index: (file_len + cs - 1) >> cluster_bits,
+            reftable_offset: h.refcount_table_offset,
+            reftable_clusters: h.refcount_table_clusters as u64,
+            reftable: Vec::new(),
+            refblocks: HashMap::new(),
+            dirty_refblocks: BTreeSet::new(),
+            freed: Vec::new(),
+            signaled_corruption: false,
+            fix,
+            rebuild: false,
+            r,
+        };
+        Ok((c, snapshots, snap_size))
+    }
+
+    /// Records that the pass stopped with `errno`.
+    pub(super) fn fail(&mut self, errno: i32) {
+        self.r.failure = Some(CheckFailure { errno });
+        // QEMU discards the allocation figures of a failed refcount check.
+        self.r.allocated_clusters = 0;
+        self.r.fragmented_clusters = 0;
+        self.r.compressed_clusters = 0;
+        self.r.total_clusters = 0;
+        self.r.image_end_offset = 0;
+    }
 }
 
 /// Reads metadata, failing as QEMU's block layer does for requests it refuses.
@@ -562,8 +666,8 @@ fn c_string(b: &[u8]) -> String {
 impl Checker<'_> {
     fn run(&mut self, snapshots: &[SnapInfo], snap_size: u64) -> Step {
         self.calculate_refcounts(snapshots, snap_size)?;
-        let highest = self.compare_refcounts();
-        self.check_oflag_copied()?;
+        let highest = self.compare_refcounts(Fix::NONE);
+        self.check_oflag_copied(false)?;
         self.r.image_end_offset = (highest + 1) * self.cs;
         Ok(())
     }
@@ -626,7 +730,8 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn calculate_refcounts(&mut self, snapshots: &[SnapInfo], snap_size: u64) -> Step {
+    /// Counts every reference of the image into `refs` (QEMU's calculate_refcounts).
+    pub(super) fn calculate_refcounts(&mut self, snapshots: &[SnapInfo], snap_size: u64) -> Step {
         let h = self.img.header().clone();
         self.inc(0, self.cs)?;
         let active: Vec<u64> = self.img.l1().to_vec();
@@ -663,8 +768,8 @@ impl Checker<'_> {
         }
         self.inc(h.snapshots_offset, snap_size)?;
 
-        let reftable_entries = (h.refcount_table_clusters as u64) << (self.cluster_bits - 3);
-        self.inc(h.refcount_table_offset, reftable_entries * 8)?;
+        let reftable_entries = self.reftable_clusters << (self.cluster_bits - 3);
+        self.inc(self.reftable_offset, reftable_entries * 8)?;
 
         if h.crypt_method == 2 {
             if let Some(c) = h.crypto {
@@ -673,7 +778,7 @@ impl Checker<'_> {
         }
 
         self.check_bitmaps()?;
-        self.load_reftable(h.refcount_table_offset, reftable_entries);
+        self.load_reftable(self.reftable_offset, reftable_entries);
         self.check_refblocks()
     }
 
@@ -833,13 +938,20 @@ impl Checker<'_> {
                         } else {
                             "Preallocated cluster is not properly aligned; L2 entry corrupted."
                         };
+                        let repair = !contains_data && self.fix.errors;
+                        let word = if repair { "Repairing" } else { "ERROR" };
                         self.r.corrupt(
                             Finding::DataUnaligned {
                                 offset,
                                 contains_data,
                             },
-                            format!("ERROR offset={offset:x}: {what}"),
+                            format!("{word} offset={offset:x}: {what}"),
                         );
+                        // A zero cluster loses nothing by dropping its (bogus) host
+                        // cluster; the reference goes, so at worst a cluster leaks.
+                        if repair && self.drop_prealloc_zero(l2_offset, i)? {
+                            continue;
+                        }
                     }
                     if active {
                         self.r.allocated_clusters += 1;
@@ -866,6 +978,40 @@ impl Checker<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Turns entry `i` of the L2 table at `l2_offset` into a plain zero cluster (repair
+    /// of an unaligned preallocated zero cluster); returns whether it was rewritten.
+    fn drop_prealloc_zero(&mut self, l2_offset: u64, i: usize) -> Step<bool> {
+        let stride = if self.extended { 16 } else { 8 };
+        let at = l2_offset + (stride * i) as u64;
+        if self.overlaps_metadata(l2_offset).is_some() {
+            self.r.say("ERROR: Overlap check failed".into());
+            self.r.check_errors += 1;
+            return Err(Stop(libc::EIO));
+        }
+        // With subclusters the bitmap already says "zero"; the entry just loses its
+        // offset. Without, the zero flag alone remains.
+        let entry = if self.extended { 0 } else { l2::ZERO };
+        let mut b = [0u8; 8];
+        crate::ondisk::put64(&mut b, 0, entry);
+        let res = self.file.write_at(&b, at).and_then(|()| self.file.flush());
+        match res {
+            Ok(()) => {
+                self.r.corruptions -= 1;
+                self.r.corruptions_fixed += 1;
+                self.r.findings.pop();
+                Ok(true)
+            }
+            Err(e) => {
+                self.r.say(format!(
+                    "ERROR: Failed to overwrite L2 table entry: {}",
+                    strerror(e.errno())
+                ));
+                self.r.check_errors += 1;
+                Ok(false)
+            }
+        }
     }
 
     fn check_bitmaps(&mut self) -> Step {
@@ -938,7 +1084,7 @@ impl Checker<'_> {
                     },
                     format!("ERROR refcount table entry {i} has reserved bits set"),
                 );
-                self.r.rebuild_needed = true;
+                self.rebuild = true;
                 continue;
             }
             if offset & (self.cs - 1) != 0 {
@@ -951,18 +1097,25 @@ impl Checker<'_> {
                         "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                     ),
                 );
-                self.r.rebuild_needed = true;
+                self.rebuild = true;
                 continue;
             }
             if cluster >= self.refs.len {
+                let word = if self.fix.errors {
+                    "Repairing"
+                } else {
+                    "ERROR"
+                };
                 self.r.corrupt(
                     Finding::BadRefblock {
                         index: idx,
                         problem: RefblockProblem::OutsideImage,
                     },
-                    format!("ERROR refcount block {i} is outside image"),
+                    format!("{word} refcount block {i} is outside image"),
                 );
-                self.r.rebuild_needed = true;
+                if self.fix.errors {
+                    self.extend_file_for_refblock(offset)?;
+                }
                 continue;
             }
             if offset != 0 {
@@ -976,25 +1129,25 @@ impl Checker<'_> {
                         },
                         format!("ERROR refcount block {i} refcount={n}"),
                     );
-                    self.r.rebuild_needed = true;
+                    self.rebuild = true;
                 }
             }
         }
         Ok(())
     }
 
-    /// The refcount stored on disk for `cluster` (QEMU's qcow2_get_refcount), or the
-    /// errno of the failure.
-    fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, i32> {
+    /// The refcount block holding `cluster`'s entry, loaded into the cache, and the
+    /// entry's index in it; `None` when no block covers the cluster.
+    fn refblock_for(&mut self, cluster: u64) -> std::result::Result<Option<(u64, usize)>, i32> {
         let order = self.img.header().refcount_order;
         let block_bits = self.cluster_bits + 3 - order;
         let index = cluster >> block_bits;
         let Some(&e) = self.reftable.get(index as usize) else {
-            return Ok(0);
+            return Ok(None);
         };
         let block = e & refcount::REFTABLE_OFFSET_MASK;
         if block == 0 {
-            return Ok(0);
+            return Ok(None);
         }
         if block & (self.cs - 1) != 0 {
             self.signal_corruption(format!(
@@ -1007,13 +1160,119 @@ impl Checker<'_> {
         if !self.refblocks.contains_key(&block) {
             let data = pread(self.file, block, self.cs as usize)?;
             if self.refblocks.len() >= REFBLOCK_CACHE_BLOCKS {
+                // Changed blocks must reach the file before the cache forgets them.
+                self.write_dirty_refblocks()?;
                 self.refblocks.clear();
             }
             self.refblocks.insert(block, data);
         }
-        let data = &self.refblocks[&block];
         let i = cluster & ((1u64 << block_bits) - 1);
-        Ok(refcount::get(data, order, i as usize))
+        Ok(Some((block, i as usize)))
+    }
+
+    /// The refcount stored on disk for `cluster` (QEMU's qcow2_get_refcount), or the
+    /// errno of the failure.
+    fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, i32> {
+        let order = self.img.header().refcount_order;
+        Ok(match self.refblock_for(cluster)? {
+            Some((block, i)) => refcount::get(&self.refblocks[&block], order, i),
+            None => 0,
+        })
+    }
+
+    /// Changes the stored refcount of `cluster` in the cache (repair mode only). The
+    /// cluster must be covered by a refcount block, which every caller knows because its
+    /// stored refcount is not zero.
+    fn set_stored_refcount(&mut self, cluster: u64, value: u64) -> std::result::Result<(), i32> {
+        let order = self.img.header().refcount_order;
+        if value > refcount::max(order) {
+            return Err(libc::EINVAL);
+        }
+        let Some((block, i)) = self.refblock_for(cluster)? else {
+            return Err(libc::EINVAL);
+        };
+        if let Some(data) = self.refblocks.get_mut(&block) {
+            refcount::set(data, order, i, value);
+        }
+        self.dirty_refblocks.insert(block);
+        if value == 0 {
+            self.freed.push(cluster);
+        }
+        Ok(())
+    }
+
+    /// Writes the refcount blocks a repair changed. Any order is safe: every change moves
+    /// a stored refcount toward the number of references, never below it.
+    fn write_dirty_refblocks(&mut self) -> std::result::Result<(), i32> {
+        for block in std::mem::take(&mut self.dirty_refblocks) {
+            if let Some(data) = self.refblocks.get(&block) {
+                self.file.write_at(data, block).map_err(|e| e.errno())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the changed refcount blocks and makes them durable, so that flags which
+    /// depend on the refcounts (COPIED) can follow.
+    pub(super) fn write_refblocks(&mut self) -> std::result::Result<(), i32> {
+        if self.dirty_refblocks.is_empty() {
+            return Ok(());
+        }
+        self.write_dirty_refblocks()?;
+        self.file.flush().map_err(|e| e.errno())
+    }
+
+    /// Grows the file so that a refcount block past its end exists (reading as zeros),
+    /// as QEMU's repair does, and counts the block.
+    fn extend_file_for_refblock(&mut self, offset: u64) -> Step {
+        let end = match offset.checked_add(self.cs) {
+            Some(e) if e <= i64::MAX as u64 => e,
+            _ => return self.refblock_resize_failed(libc::EINVAL),
+        };
+        // Unlike QEMU, do not let an absurd table entry blow the file (and the computed
+        // refcount array, sized by it) up to terabytes: such a block is left to the
+        // rebuild instead.
+        let grown = if end > self.file_len.saturating_mul(2).max(1 << 30) {
+            Err(libc::EFBIG)
+        } else {
+            self.file.set_len(end).map_err(|e| e.errno())
+        };
+        if let Err(errno) = grown {
+            // The file layer's own error line comes first, as in QEMU.
+            self.r
+                .say_prefixed(format!("Could not resize file: {}", strerror(errno)));
+            return self.refblock_resize_failed(errno);
+        }
+        let len = match self.file.len() {
+            Ok(l) => l,
+            Err(e) => return self.refblock_resize_failed(e.errno()),
+        };
+        self.file_len = len;
+        let n = len.div_ceil(self.cs);
+        self.max_index = self.max_index.max(n);
+        if let Err(e) = self.refs.grow(n) {
+            self.r.check_errors += 1;
+            return Err(e);
+        }
+        self.r.corruptions -= 1;
+        self.r.corruptions_fixed += 1;
+        self.r.findings.pop();
+        self.inc(offset, self.cs)
+    }
+
+    /// Takes note of a file that grew (QEMU asks the file for its length every time).
+    pub(super) fn refresh_file_len(&mut self) -> Step {
+        let len = self.file.len().map_err(|e| Stop(e.errno()))?;
+        self.file_len = len;
+        self.max_index = self.max_index.max(len.div_ceil(self.cs));
+        Ok(())
+    }
+
+    fn refblock_resize_failed(&mut self, errno: i32) -> Step {
+        self.rebuild = true;
+        self.r
+            .say(format!("ERROR could not resize image: {}", strerror(errno)));
+        Ok(())
     }
 
     /// QEMU's corruption signal on a read-only image: printed once, never fatal.
@@ -1027,8 +1286,10 @@ impl Checker<'_> {
         ));
     }
 
-    /// Returns the highest cluster with a stored or computed refcount.
-    fn compare_refcounts(&mut self) -> u64 {
+    /// Compares stored and computed refcounts, correcting what `fix` allows (in the
+    /// refcount block cache); returns the highest cluster with a stored or computed
+    /// refcount.
+    pub(super) fn compare_refcounts(&mut self, fix: Fix) -> u64 {
         let mut highest = 0;
         for i in 0..self.refs.len {
             let stored = match self.stored_refcount(i) {
@@ -1047,13 +1308,34 @@ impl Checker<'_> {
                 highest = i;
             }
             if stored != computed {
-                if stored == 0 {
-                    self.r.rebuild_needed = true;
-                }
-                let word = if stored < computed { "ERROR" } else { "Leaked" };
+                // Only a refcount that exists can be corrected in place; a zero one may
+                // sit in a missing refcount block, so the structure is rebuilt instead.
+                let fixable = if stored == 0 {
+                    self.rebuild = true;
+                    false
+                } else if stored > computed {
+                    fix.leaks
+                } else {
+                    fix.errors
+                };
+                let word = if fixable {
+                    "Repairing"
+                } else if stored < computed {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
                 self.r.say(format!(
                     "{word} cluster {i} refcount={stored} reference={computed}"
                 ));
+                if fixable && self.set_stored_refcount(i, computed).is_ok() {
+                    if stored > computed {
+                        self.r.leaks_fixed += 1;
+                    } else {
+                        self.r.corruptions_fixed += 1;
+                    }
+                    continue;
+                }
                 self.r.findings.push(Finding::RefcountMismatch {
                     cluster: i,
                     stored,
@@ -1069,7 +1351,11 @@ impl Checker<'_> {
         highest
     }
 
-    fn check_oflag_copied(&mut self) -> Step {
+    /// Compares the COPIED flags of the active tables with the stored refcounts (QEMU's
+    /// check_oflag_copied); with `repair`, corrects them. Callers make the refcounts the
+    /// flags are derived from durable first.
+    pub(super) fn check_oflag_copied(&mut self, repair: bool) -> Step {
+        let word = if repair { "Repairing" } else { "ERROR" };
         let l1: Vec<u64> = self.img.l1().to_vec();
         for (l1_index, &l1e) in l1.iter().enumerate() {
             let l2_offset = l2::l1_offset(l1e);
@@ -1088,11 +1374,25 @@ impl Checker<'_> {
                         refcount: rc,
                     },
                     format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1e:x} refcount={rc}"
+                        "{word} OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1e:x} refcount={rc}"
                     ),
                 );
+                if repair {
+                    let fixed = if rc == 1 {
+                        l1e | l2::COPIED
+                    } else {
+                        l1e & !l2::COPIED
+                    };
+                    if let Err(e) = self.write_l1_entry(l1_index, fixed) {
+                        self.r.check_errors += 1;
+                        return Err(Stop(e));
+                    }
+                    self.r.corruptions -= 1;
+                    self.r.corruptions_fixed += 1;
+                    self.r.findings.pop();
+                }
             }
-            let table = match pread(self.file, l2_offset, self.cs as usize) {
+            let mut table = match pread(self.file, l2_offset, self.cs as usize) {
                 Ok(t) => t,
                 Err(e) => {
                     self.r
@@ -1101,6 +1401,8 @@ impl Checker<'_> {
                     return Err(Stop(e));
                 }
             };
+            let mut l2_dirty = 0u64;
+            let stride = if self.extended { 16 } else { 8 };
             for j in 0..self.l2_count() {
                 let (e, _) = self.l2_at(&table, j);
                 let t = l2::classify(e, self.extended, self.data_file);
@@ -1123,12 +1425,81 @@ impl Checker<'_> {
                             entry: e,
                             refcount: rc,
                         },
-                        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"),
+                        format!("{word} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"),
                     );
+                    if repair {
+                        let fixed = if rc == 1 {
+                            e | l2::COPIED
+                        } else {
+                            e & !l2::COPIED
+                        };
+                        crate::ondisk::put64(&mut table, stride * j, fixed);
+                        l2_dirty += 1;
+                    }
+                }
+            }
+            if l2_dirty > 0 {
+                if let Some(what) = self.overlaps_metadata(l2_offset) {
+                    self.r.say(format!(
+                        "ERROR: Could not write L2 table; metadata overlap check failed: {} (overlaps with {what})",
+                        strerror(libc::EIO)
+                    ));
+                    self.r.check_errors += 1;
+                    return Err(Stop(libc::EIO));
+                }
+                // Entries are independent 8-byte words, so a torn write leaves each
+                // one either old or new, and either is safe once the refcounts are.
+                if let Err(e) = self.file.write_at(&table, l2_offset) {
+                    let e = e.errno();
+                    self.r
+                        .say(format!("ERROR: Could not write L2 table: {}", strerror(e)));
+                    self.r.check_errors += 1;
+                    return Err(Stop(e));
+                }
+                self.r.corruptions -= l2_dirty;
+                self.r.corruptions_fixed += l2_dirty;
+                for _ in 0..l2_dirty {
+                    self.r.findings.pop();
                 }
             }
         }
         Ok(())
+    }
+
+    /// Rewrites one active L1 entry on disk and in memory.
+    fn write_l1_entry(&mut self, index: usize, entry: u64) -> std::result::Result<(), i32> {
+        let mut b = [0u8; 8];
+        crate::ondisk::put64(&mut b, 0, entry);
+        let at = self.img.header().l1_table_offset + 8 * index as u64;
+        self.file.write_at(&b, at).map_err(|e| e.errno())?;
+        if let Some(slot) = self.img.l1.write().unwrap().get_mut(index) {
+            *slot = entry;
+        }
+        Ok(())
+    }
+
+    /// Names the metadata (other than active L2 tables) that the cluster at `offset`
+    /// holds, if any: a repair must never write an L2 table over it.
+    pub(super) fn overlaps_metadata(&self, offset: u64) -> Option<&'static str> {
+        let h = self.img.header();
+        let c = offset >> self.cluster_bits;
+        let within = |start: u64, bytes: u64| {
+            bytes > 0 && c >= start >> self.cluster_bits && c < (start + bytes).div_ceil(self.cs)
+        };
+        if c == 0 {
+            Some("qcow2_header")
+        } else if within(h.l1_table_offset, h.l1_size as u64 * 8) {
+            Some("active L1 table")
+        } else if within(self.reftable_offset, self.reftable_clusters * self.cs) {
+            Some("refcount table")
+        } else if self.reftable.iter().any(|&e| {
+            e & refcount::REFTABLE_OFFSET_MASK != 0
+                && (e & refcount::REFTABLE_OFFSET_MASK) >> self.cluster_bits == c
+        }) {
+            Some("refcount block")
+        } else {
+            None
+        }
     }
 }
 

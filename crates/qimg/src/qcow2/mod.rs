@@ -11,6 +11,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod measure;
+pub mod repair;
 mod write;
 pub mod writer;
 
@@ -119,7 +120,22 @@ impl Qcow2 {
     /// Opens a qcow2 image on `file`. Backing files and the external data file are
     /// attached afterwards by the caller ([`Qcow2::set_backing`], [`Qcow2::set_data_file`]),
     /// because where to find them is policy, not format.
+    ///
+    /// A writable (non-check) open of an image whose dirty bit is set (lazy refcounts,
+    /// not closed cleanly) first repairs it silently, as QEMU does ([`repair`]).
     pub fn open(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
+        if let Some(img) = Self::open_inner(file.clone(), opts.clone())? {
+            return Ok(img);
+        }
+        repair::repair_dirty(file.clone())?;
+        // The repair cleared the bit or failed; a bit still set is not retried.
+        Self::open_inner(file, opts)?
+            .ok_or_else(|| Error::Corrupt("Could not repair dirty image".into()))
+    }
+
+    /// Opens the image; `None` when a writable open finds the dirty bit set, which needs
+    /// a repair first.
+    fn open_inner(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Option<Qcow2>> {
         let mut first = vec![0u8; header::Header::min_read()];
         file.read_at(&mut first, 0)?;
         if first.len() >= 4 && crate::ondisk::be32(&first, 0) != header::MAGIC {
@@ -255,9 +271,8 @@ impl Qcow2 {
 
         let ws = if opts.writable && !opts.check {
             if h.incompatible_features & header::incompat::DIRTY != 0 {
-                return Err(Error::unsupported(
-                    "Image is dirty (lazy refcounts); repair it with 'qemu-img check -r all' first",
-                ));
+                // Refcounts may be stale: `open` repairs and comes back.
+                return Ok(None);
             }
             Some(WriteState {
                 refs: alloc::Refcounts::load(
@@ -313,7 +328,7 @@ impl Qcow2 {
             opts,
         };
         q.bm_open()?;
-        Ok(q)
+        Ok(Some(q))
     }
 
     /// Warnings QEMU prints when it opens this image (front ends show them).
