@@ -9,6 +9,7 @@ mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod resize;
 mod snapshot;
 mod txn;
 mod write;

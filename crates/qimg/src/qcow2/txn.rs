@@ -55,6 +55,10 @@ pub(crate) struct Txn<'a> {
     rebuild_all: bool,
     hint: u64,
     table_at: Option<(u64, u64)>,
+    /// The old refcount table (offset, clusters).
+    old_table_at: (u64, u64),
+    /// Tables at or above this byte offset are moved even when unchanged (compaction).
+    pub(crate) relocate_above: u64,
 }
 
 impl<'a> Txn<'a> {
@@ -81,12 +85,9 @@ impl<'a> Txn<'a> {
             rebuild_all: order != h.refcount_order,
             hint: 0,
             table_at: None,
+            old_table_at: (h.refcount_table_offset, h.refcount_table_clusters as u64),
+            relocate_above: u64::MAX,
         };
-        // The old refcount table is always replaced.
-        let first = h.refcount_table_offset >> h.cluster_bits;
-        for c in first..first + h.refcount_table_clusters as u64 {
-            t.add(c, -1)?;
-        }
         if t.rebuild_all {
             // So are all old blocks.
             for e in t.old_table.clone() {
@@ -275,8 +276,35 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Moves every refcount block stored at or above `limit` (compaction).
+    pub(crate) fn relocate_blocks(&mut self, limit: u64) -> Result<()> {
+        self.relocate_above = limit;
+        let high: Vec<u64> = self
+            .old_table
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| *e & REFTABLE_OFFSET_MASK >= limit)
+            .map(|(i, _)| i as u64)
+            .collect();
+        for i in high {
+            self.materialize(i)?;
+        }
+        if self.old_table_at.0 >= limit {
+            // Forces a new table even if no block moves.
+            self.materialize(0)?;
+        }
+        Ok(())
+    }
+
     /// Places the new refcount blocks and table; returns (table offset, clusters).
     fn finalize(&mut self) -> Result<(u64, u64)> {
+        if self.blocks.is_empty() && !self.rebuild_all {
+            // Nothing changed: the old structure stays as it is.
+            return Ok(self.old_table_at);
+        }
+        // The old refcount table is replaced.
+        let (off, n) = self.old_table_at;
+        self.range_refs(off, n << self.cluster_bits, -1)?;
         if self.rebuild_all {
             // Every cluster counted in the old state must be counted in the new one.
             let last = self
@@ -354,6 +382,9 @@ impl<'a> Txn<'a> {
     /// Writes the new refcount structure and returns the header that uses it.
     fn write_structure(&mut self, h: &mut Header) -> Result<()> {
         let (toff, tclusters) = self.finalize()?;
+        if self.table_at.is_none() {
+            return Ok(());
+        }
         let cs = self.cs();
         let mut table = vec![0u64; (tclusters * cs / 8) as usize];
         if !self.rebuild_all {
@@ -530,7 +561,12 @@ impl Qcow2 {
             };
             let orig = words.clone();
             edit(txn, i, &mut words)?;
-            if t == 0 && words.iter().all(|&w| w == 0) {
+            if words.iter().all(|&w| w == 0) && (t == 0 || words != orig) {
+                // An empty table is the same as none: drop it instead of copying it.
+                if t != 0 {
+                    txn.add(t >> self.cluster_bits, -1)?;
+                    l1[i as usize] = 0;
+                }
                 continue;
             }
             if recompute && !df {
@@ -544,7 +580,7 @@ impl Qcow2 {
                     words[k] = if want { w | COPIED } else { w & !COPIED };
                 }
             }
-            if t == 0 || words != orig {
+            if t == 0 || words != orig || t >= txn.relocate_above {
                 let nt = txn.alloc(1)?;
                 self.write_words(nt, &words)?;
                 if t != 0 {
@@ -563,7 +599,10 @@ impl Qcow2 {
     /// size changes); updates `h` and frees the old table in the transaction.
     pub(crate) fn place_active_l1(&self, txn: &mut Txn, l1: &[u64], h: &mut Header) -> Result<()> {
         let old = self.l1.read().unwrap().clone();
-        if old.as_slice() == l1 && h.l1_size as usize == l1.len() {
+        if old.as_slice() == l1
+            && h.l1_size as usize == l1.len()
+            && h.l1_table_offset < txn.relocate_above
+        {
             return Ok(());
         }
         if l1.len() as u64 * 8 > super::MAX_L1_BYTES {
