@@ -5,6 +5,7 @@
 //! lock, so many threads can read one image at once.
 
 mod alloc;
+pub mod amend;
 mod cache;
 pub mod check;
 pub mod compress;
