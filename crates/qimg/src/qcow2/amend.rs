@@ -47,6 +47,24 @@ impl Qcow2 {
                 ));
             }
         }
+        // QEMU refuses these before changing anything.
+        if version < 3 {
+            let current = self.header.refcount_bits();
+            match o.refcount_bits.filter(|&b| b != current) {
+                Some(b) if b != 16 => {
+                    return Err(Error::InvalidArgument("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into()));
+                }
+                None if current != 16 => {
+                    return Err(Error::InvalidArgument(
+                        "compat=0.10 requires refcount_bits=16".into(),
+                    ));
+                }
+                _ => {}
+            }
+            if o.lazy_refcounts == Some(true) {
+                return Err(Error::InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into()));
+            }
+        }
         self.quiesce()?;
         if version > old_version {
             self.upgrade()?;
