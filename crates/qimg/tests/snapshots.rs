@@ -118,7 +118,7 @@ fn crash_op(name: &str, opts: &str, size: &str, snap: bool, op: &dyn Fn(&mut Qco
     let mut checked = 0;
     for cut in 0..=n {
         for round in 0..2 {
-            let disk = fs.crash_image(cut, |_, _| round == 0 || rng.next() % 2 == 0);
+            let disk = fs.crash_image(cut, |_, _| round == 0 || rng.next().is_multiple_of(2));
             let img = Qcow2::open(Arc::new(MemStorage::new(disk.clone())), Default::default())
                 .unwrap_or_else(|e| panic!("{name}: cut {cut}: open failed: {e}"));
             let s = state(&img);

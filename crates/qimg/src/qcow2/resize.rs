@@ -98,9 +98,7 @@ impl Qcow2 {
         // Guest clusters [first, end) are edited.
         let (first, end) = if size < old {
             (size.div_ceil(cs), old.div_ceil(cs))
-        } else if prealloc != Prealloc::Off {
-            (old / cs, size.div_ceil(cs))
-        } else if zero_new {
+        } else if prealloc != Prealloc::Off || zero_new {
             (old / cs, size.div_ceil(cs))
         } else {
             (0, 0)
@@ -136,8 +134,7 @@ impl Qcow2 {
                         words[j + 1] = 0;
                     }
                     k += 1;
-                } else if let Some((pc, buf)) = partial.as_ref().filter(|p| p.0 == k) {
-                    let _ = pc;
+                } else if let Some((_, buf)) = partial.as_ref().filter(|p| p.0 == k) {
                     let at = if df { k * cs } else { txn.alloc(1)? };
                     self.data_storage()?.write_at(buf, at)?;
                     txn.entry_refs(e, df, -1)?;

@@ -37,6 +37,9 @@ use crate::ondisk::{be64, put32, put64, MAX_HOST_OFFSET};
 use crate::storage::Storage;
 use std::collections::{BTreeMap, HashMap};
 
+/// Edits the words of the L2 table at an L1 index inside a transaction.
+pub(crate) type TableEdit<'e> = dyn FnMut(&mut Txn, u64, &mut Vec<u64>) -> Result<()> + 'e;
+
 /// The refcount state of the new image, as changes over the old one.
 pub(crate) struct Txn<'a> {
     file: &'a dyn Storage,
@@ -546,7 +549,7 @@ impl Qcow2 {
         l1: &mut [u64],
         range: std::ops::Range<u64>,
         recompute: bool,
-        edit: &mut dyn FnMut(&mut Txn, u64, &mut Vec<u64>) -> Result<()>,
+        edit: &mut TableEdit,
     ) -> Result<()> {
         let df = self.header.has_data_file();
         let step = self.step();
