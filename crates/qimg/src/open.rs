@@ -117,57 +117,96 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
     };
     match format.as_str() {
         "raw" => Ok(Arc::new(Raw::open(storage, opts.writable)?)),
+        "qcow2" => Ok(Arc::new(build_qcow2(path, storage, opts, seen)?)),
+        other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
+    }
+}
+
+/// Opens a qcow2 image on `storage` with its data file and (unless told otherwise) its
+/// backing chain.
+fn build_qcow2(
+    path: &Path,
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Qcow2> {
+    let q = Qcow2Options {
+        writable: opts.writable,
+        check: opts.check,
+    };
+    let mut img = Qcow2::open(storage, q)?;
+    if let Some(sel) = &opts.snapshot {
+        let idx = match sel {
+            SnapshotSel::IdOrName(x) => img
+                .find_snapshot(Some(x), None)
+                .or_else(|| img.find_snapshot(None, Some(x))),
+            SnapshotSel::Exact { id, name } => img.find_snapshot(id.as_deref(), name.as_deref()),
+        };
+        let idx = idx.ok_or_else(|| {
+            Error::NotFound("Failed to load snapshot: Can't find snapshot".into())
+        })?;
+        img.load_snapshot_readonly(idx)?;
+    }
+    let h = img.header().clone();
+    if h.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0
+        && !h.has_data_file()
+        && !opts.no_data_file
+    {
+        return Err(Error::invalid("data-file-raw requires a data file"));
+    }
+    if h.has_data_file() && !opts.no_data_file {
+        let name = h
+            .data_file
+            .as_deref()
+            .ok_or_else(|| Error::invalid("'data-file' is required for this image"))?;
+        let dpath = resolve_relative(path, name);
+        img.set_data_file(Arc::new(open_locked(&dpath, opts)?));
+    }
+    if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
+        let bpath = resolve_relative(path, name);
+        let bopts = OpenOptions {
+            snapshot: None,
+            format: h.backing_format.clone(),
+            writable: false,
+            force_share: opts.force_share,
+            no_lock: opts.no_lock,
+            ..Default::default()
+        };
+        let backing = open_inner(&bpath, &bopts, seen)
+            .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
+        img.set_backing(Some(backing));
+    }
+    Ok(img)
+}
+
+/// An image opened by value, for commands that change a qcow2 image's metadata (which
+/// needs `&mut Qcow2`).
+pub enum OwnedImage {
+    /// A qcow2 image.
+    Qcow2(Box<Qcow2>),
+    /// Any other format.
+    Other(Arc<dyn Image>),
+}
+
+/// Opens an image like [`open_image`] but hands a qcow2 image over by value.
+pub fn open_owned(path: &Path, opts: &OpenOptions) -> Result<OwnedImage> {
+    let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
+    let format = match &opts.format {
+        Some(f) => f.clone(),
+        None => probe(storage.as_ref())?.to_string(),
+    };
+    match format.as_str() {
         "qcow2" => {
-            let q = Qcow2Options {
-                writable: opts.writable,
-                check: opts.check,
-            };
-            let mut img = Qcow2::open(storage, q)?;
-            if let Some(sel) = &opts.snapshot {
-                let idx = match sel {
-                    SnapshotSel::IdOrName(x) => img
-                        .find_snapshot(Some(x), None)
-                        .or_else(|| img.find_snapshot(None, Some(x))),
-                    SnapshotSel::Exact { id, name } => {
-                        img.find_snapshot(id.as_deref(), name.as_deref())
-                    }
-                };
-                let idx = idx.ok_or_else(|| {
-                    Error::NotFound("Failed to load snapshot: Can't find snapshot".into())
-                })?;
-                img.load_snapshot_readonly(idx)?;
-            }
-            let h = img.header().clone();
-            if h.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0
-                && !h.has_data_file()
-                && !opts.no_data_file
-            {
-                return Err(Error::invalid("data-file-raw requires a data file"));
-            }
-            if h.has_data_file() && !opts.no_data_file {
-                let name = h
-                    .data_file
-                    .as_deref()
-                    .ok_or_else(|| Error::invalid("'data-file' is required for this image"))?;
-                let dpath = resolve_relative(path, name);
-                img.set_data_file(Arc::new(open_locked(&dpath, opts)?));
-            }
-            if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
-                let bpath = resolve_relative(path, name);
-                let bopts = OpenOptions {
-                    snapshot: None,
-                    format: h.backing_format.clone(),
-                    writable: false,
-                    force_share: opts.force_share,
-                    no_lock: opts.no_lock,
-                    ..Default::default()
-                };
-                let backing = open_inner(&bpath, &bopts, seen)
-                    .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
-                img.set_backing(Some(backing));
-            }
-            Ok(Arc::new(img))
+            let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            let mut seen = vec![canon];
+            Ok(OwnedImage::Qcow2(Box::new(build_qcow2(
+                path, storage, opts, &mut seen,
+            )?)))
         }
+        "raw" => Ok(OwnedImage::Other(Arc::new(Raw::open(
+            storage,
+            opts.writable,
+        )?))),
         other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
     }
 }

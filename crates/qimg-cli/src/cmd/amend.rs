@@ -123,7 +123,150 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<AmendOpts> {
 /// Runs `amend`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => amend_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
+    }
+}
+
+/// `qemu-img amend -o help` for qcow2.
+const QCOW2_AMEND_HELP: &str = "Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+";
+
+/// qcow2 creation options that `amend` cannot change.
+const CREATE_ONLY: &[&str] = &[
+    "cluster_size",
+    "preallocation",
+    "extended_l2",
+    "compression_type",
+    "encryption",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+];
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+/// Turns `-o` pairs into library options, with qemu-img's messages.
+fn amend_options(
+    o: &AmendOpts,
+    h: &qimg::ondisk::header::Header,
+) -> Result<qimg::qcow2::amend::AmendOptions, String> {
+    let mut a = qimg::qcow2::amend::AmendOptions::default();
+    for (k, v) in o.options.pairs() {
+        match k.as_str() {
+            "compat" => {
+                a.version = Some(match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(format!("Unknown compatibility level {v}")),
+                })
+            }
+            "lazy_refcounts" => a.lazy_refcounts = Some(parse_bool(&k, &v)?),
+            "refcount_bits" => {
+                let n: u64 = v
+                    .parse()
+                    .map_err(|_| format!("Parameter '{k}' expects a number"))?;
+                a.refcount_bits = Some(n.min(u32::MAX as u64) as u32);
+            }
+            "size" => {
+                a.size = Some(
+                    crate::opts::parse_size(&v)
+                        .map_err(|_| crate::opts::option_size_error("size"))?,
+                )
+            }
+            "data_file_raw" => {
+                if parse_bool(&k, &v)? {
+                    return Err("data-file-raw cannot be set on existing images".into());
+                }
+                a.clear_data_file_raw = true;
+            }
+            "data_file" => a.data_file = Some(v),
+            "backing_file" => {
+                if h.backing_file.as_deref() != Some(v.as_str()) {
+                    return Err(
+                        "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead."
+                            .into(),
+                    );
+                }
+            }
+            "backing_fmt" => {
+                if h.backing_format.as_deref() != Some(v.as_str()) {
+                    return Err(
+                        "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead."
+                            .into(),
+                    );
+                }
+            }
+            k if CREATE_ONLY.contains(&k) => {
+                return Err(format!(
+                    "Invalid parameter '{k}'\nThis option is only supported for image creation"
+                ))
+            }
+            k if k.starts_with("encrypt.") => {
+                return Err("Amending encryption options is not supported by qimg".into())
+            }
+            k => return Err(format!("Invalid parameter '{k}'")),
+        }
+    }
+    Ok(a)
+}
+
+fn amend_cmd(ctx: &Ctx, o: &AmendOpts) -> i32 {
+    use crate::cmd::common::{image_spec, open_owned_rw};
+    use qimg::open::OwnedImage;
+    let (filename, format) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let img = match open_owned_rw(ctx, &filename, format, false) {
+        Ok(i) => i,
+        Err(c) => return c,
+    };
+    let mut q = match img {
+        OwnedImage::Qcow2(q) => q,
+        OwnedImage::Other(i) => {
+            ctx.error(&format!(
+                "Format driver '{}' does not support option amendment",
+                i.format_name()
+            ));
+            return 1;
+        }
+    };
+    if o.options.has_help() {
+        crate::ctx::print_ignore(QCOW2_AMEND_HELP);
+        return 0;
+    }
+    let r = amend_options(o, q.header())
+        .and_then(|a| q.amend(&a).map_err(|e| e.to_string()))
+        .and_then(|()| q.close().map_err(|e| e.to_string()));
+    match r {
+        Ok(()) => 0,
+        Err(m) => {
+            ctx.error(&m);
+            1
+        }
     }
 }

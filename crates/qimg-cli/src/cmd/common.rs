@@ -96,3 +96,39 @@ pub fn image_spec(
         }
     }
 }
+
+/// Opens `filename` read-write by value (for snapshot, resize and amend), reporting failure
+/// as `open` does. A raw image whose format was probed gets QEMU's warning.
+pub fn open_owned_rw(
+    ctx: &Ctx,
+    filename: &str,
+    format: Option<String>,
+    no_backing: bool,
+) -> Result<qimg::open::OwnedImage, i32> {
+    let probed = format.is_none();
+    let opts = OpenOptions {
+        format,
+        writable: true,
+        no_backing,
+        ..Default::default()
+    };
+    let img = qimg::open::open_owned(Path::new(filename), &opts).map_err(|e| {
+        ctx.error(&format!("Could not open '{filename}': {e}"));
+        1
+    })?;
+    if probed && matches!(img, qimg::open::OwnedImage::Other(_)) {
+        crate::ctx::eprint_ignore(&format!(
+            "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.\n"
+        ));
+    }
+    Ok(img)
+}
+
+/// The text QEMU prints for an errno-style library error (`strerror` where QEMU has
+/// only the errno, the library's message otherwise).
+pub fn errno_text(e: &qimg::Error) -> String {
+    match e {
+        qimg::Error::NotFound(m) | qimg::Error::Unsupported(m) => m.clone(),
+        e => e.to_string(),
+    }
+}

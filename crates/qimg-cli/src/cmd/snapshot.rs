@@ -169,13 +169,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 fn snapshot_cmd(ctx: &Ctx, o: &SnapshotOpts) -> i32 {
     use crate::cmd::common::{as_qcow2, image_spec, open, ro_options};
     use crate::fmt::{local_utc_offset, snapshot_header, snapshot_line};
-    if o.action != SnapshotAction::List {
-        return ctx.not_implemented(CMD);
-    }
     let (filename, format) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
         Ok(x) => x,
         Err(c) => return c,
     };
+    if o.action != SnapshotAction::List {
+        return change(ctx, o, &filename, format);
+    }
     let mut opts = ro_options(format, o.force_share);
     opts.no_backing = true;
     opts.no_data_file = true;
@@ -207,4 +207,63 @@ fn snapshot_cmd(ctx: &Ctx, o: &SnapshotOpts) -> i32 {
     }
     crate::ctx::print_ignore(&out);
     0
+}
+
+/// `-c`, `-a`, `-d`: open read-write (without the backing chain, as qemu-img does) and
+/// change the snapshot table.
+fn change(ctx: &Ctx, o: &SnapshotOpts, filename: &str, format: Option<String>) -> i32 {
+    use crate::cmd::common::{errno_text, open_owned_rw};
+    use qimg::open::OwnedImage;
+    let img = match open_owned_rw(ctx, filename, format, true) {
+        Ok(i) => i,
+        Err(c) => return c,
+    };
+    let mut q = match img {
+        OwnedImage::Qcow2(q) => q,
+        OwnedImage::Other(_) => {
+            let msg = match &o.action {
+                SnapshotAction::Create(n) => {
+                    format!("Could not create snapshot '{n}': Operation not supported")
+                }
+                SnapshotAction::Apply(n) => {
+                    format!(
+                        "Could not apply snapshot '{n}': Block driver does not support snapshots"
+                    )
+                }
+                SnapshotAction::Delete(n) => {
+                    format!("Could not delete snapshot '{n}': snapshot not found")
+                }
+                SnapshotAction::List => return 0,
+            };
+            ctx.error(&msg);
+            return 1;
+        }
+    };
+    let r = match &o.action {
+        SnapshotAction::Create(n) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            q.snapshot_create(n, (now.as_secs() as u32, now.subsec_nanos()))
+                .map_err(|e| format!("Could not create snapshot '{n}': {}", errno_text(&e)))
+        }
+        SnapshotAction::Apply(n) => q.snapshot_apply(n).map_err(|e| {
+            format!(
+                "Could not apply snapshot '{n}': Failed to load snapshot: {}",
+                errno_text(&e)
+            )
+        }),
+        SnapshotAction::Delete(n) => q
+            .snapshot_delete(n)
+            .map_err(|e| format!("Could not delete snapshot '{n}': {}", errno_text(&e))),
+        SnapshotAction::List => Ok(()),
+    };
+    let r = r.and_then(|()| q.close().map_err(|e| e.to_string()));
+    match r {
+        Ok(()) => 0,
+        Err(m) => {
+            ctx.error(&m);
+            1
+        }
+    }
 }

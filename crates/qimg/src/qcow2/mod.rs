@@ -5,6 +5,7 @@
 //! lock, so many threads can read one image at once.
 
 mod alloc;
+pub mod amend;
 pub mod bitmaps;
 mod cache;
 pub mod check;
@@ -12,6 +13,9 @@ pub mod compress;
 pub mod create;
 pub mod measure;
 pub mod repair;
+pub mod resize;
+mod snapshot;
+mod txn;
 mod write;
 pub mod writer;
 
@@ -20,7 +24,7 @@ use crate::image::{Extent, Image, Status};
 use crate::ondisk::bitmap::{self, BitmapEntry};
 use crate::ondisk::header::{self, Header};
 use crate::ondisk::l2::{self, ClusterType, CompressedDesc};
-use crate::ondisk::snapshot::{self, Snapshot};
+use crate::ondisk::snapshot::{self as snapfmt, Snapshot};
 use crate::ondisk::{be64, MAX_HOST_OFFSET};
 use crate::storage::Storage;
 use cache::SliceCache;
@@ -186,7 +190,7 @@ impl Qcow2 {
             return Err(Error::invalid("Reference count table offset invalid"));
         }
         if !opts.check {
-            if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
+            if h.nb_snapshots > snapfmt::MAX_SNAPSHOTS {
                 return Err(Error::invalid("Snapshot table too large"));
             }
             if h.nb_snapshots > 0 && !aligned(h.snapshots_offset, cs) {
@@ -344,7 +348,7 @@ impl Qcow2 {
         for i in 0..h.nb_snapshots as usize {
             let mut head = [0u8; 40];
             file.read_at(&mut head, pos)?;
-            let extra = crate::ondisk::be32(&head, 36).min(snapshot::MAX_EXTRA_DATA + 1) as u64;
+            let extra = crate::ondisk::be32(&head, 36).min(snapfmt::MAX_EXTRA_DATA + 1) as u64;
             let var = extra
                 + crate::ondisk::be16(&head, 12) as u64
                 + crate::ondisk::be16(&head, 14) as u64;
@@ -352,7 +356,7 @@ impl Qcow2 {
             file.read_at(&mut entry, pos)?;
             let (s, len) = Snapshot::parse(&entry, i)?;
             pos += len as u64;
-            if pos - h.snapshots_offset > snapshot::MAX_TABLE_SIZE {
+            if pos - h.snapshots_offset > snapfmt::MAX_TABLE_SIZE {
                 return Err(Error::invalid("Snapshot table is too big"));
             }
             out.push(s);
