@@ -35,6 +35,10 @@ pub struct OpenOptions {
     pub no_lock: bool,
     /// Read this internal snapshot of the top image instead of its active state.
     pub snapshot: Option<SnapshotSel>,
+    /// Also open the layer this deep in the backing chain for writing (0 = the top
+    /// itself, 1 = its backing file, ...): `commit` writes into a backing file, and a
+    /// second, writable open of the same file would conflict with the chain's own locks.
+    pub writable_depth: Option<usize>,
 }
 
 /// How an internal snapshot is named on a command line.
@@ -110,6 +114,10 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
         return Err(Error::invalid("Backing chain is too deep"));
     }
     seen.push(canon);
+    let opts = &OpenOptions {
+        writable: opts.writable || opts.writable_depth == Some(0),
+        ..opts.clone()
+    };
     let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
     let format = match &opts.format {
         Some(f) => f.clone(),
@@ -117,57 +125,77 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
     };
     match format.as_str() {
         "raw" => Ok(Arc::new(Raw::open(storage, opts.writable)?)),
-        "qcow2" => {
-            let q = Qcow2Options {
-                writable: opts.writable,
-                check: opts.check,
-            };
-            let mut img = Qcow2::open(storage, q)?;
-            if let Some(sel) = &opts.snapshot {
-                let idx = match sel {
-                    SnapshotSel::IdOrName(x) => img
-                        .find_snapshot(Some(x), None)
-                        .or_else(|| img.find_snapshot(None, Some(x))),
-                    SnapshotSel::Exact { id, name } => {
-                        img.find_snapshot(id.as_deref(), name.as_deref())
-                    }
-                };
-                let idx = idx.ok_or_else(|| {
-                    Error::NotFound("Failed to load snapshot: Can't find snapshot".into())
-                })?;
-                img.load_snapshot_readonly(idx)?;
-            }
-            let h = img.header().clone();
-            if h.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0
-                && !h.has_data_file()
-                && !opts.no_data_file
-            {
-                return Err(Error::invalid("data-file-raw requires a data file"));
-            }
-            if h.has_data_file() && !opts.no_data_file {
-                let name = h
-                    .data_file
-                    .as_deref()
-                    .ok_or_else(|| Error::invalid("'data-file' is required for this image"))?;
-                let dpath = resolve_relative(path, name);
-                img.set_data_file(Arc::new(open_locked(&dpath, opts)?));
-            }
-            if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
-                let bpath = resolve_relative(path, name);
-                let bopts = OpenOptions {
-                    snapshot: None,
-                    format: h.backing_format.clone(),
-                    writable: false,
-                    force_share: opts.force_share,
-                    no_lock: opts.no_lock,
-                    ..Default::default()
-                };
-                let backing = open_inner(&bpath, &bopts, seen)
-                    .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
-                img.set_backing(Some(backing));
-            }
-            Ok(Arc::new(img))
-        }
+        "qcow2" => Ok(Arc::new(open_qcow2_with(path, storage, opts, seen)?)),
         other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
     }
+}
+
+/// Opens a qcow2 image (and, unless told otherwise, its backing chain) and returns the
+/// engine itself rather than a shared handle, for operations that rewrite the header
+/// (`rebase`, `commit`'s emptying and growing) and therefore need exclusive access.
+pub fn open_qcow2(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+    let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
+    let opts = &OpenOptions {
+        writable: opts.writable || opts.writable_depth == Some(0),
+        ..opts.clone()
+    };
+    let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
+    open_qcow2_with(path, storage, opts, &mut seen)
+}
+
+fn open_qcow2_with(
+    path: &Path,
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Qcow2> {
+    let q = Qcow2Options {
+        writable: opts.writable,
+        check: opts.check,
+    };
+    let mut img = Qcow2::open(storage, q)?;
+    if let Some(sel) = &opts.snapshot {
+        let idx = match sel {
+            SnapshotSel::IdOrName(x) => img
+                .find_snapshot(Some(x), None)
+                .or_else(|| img.find_snapshot(None, Some(x))),
+            SnapshotSel::Exact { id, name } => img.find_snapshot(id.as_deref(), name.as_deref()),
+        };
+        let idx = idx.ok_or_else(|| {
+            Error::NotFound("Failed to load snapshot: Can't find snapshot".into())
+        })?;
+        img.load_snapshot_readonly(idx)?;
+    }
+    let h = img.header().clone();
+    if h.autoclear_features & crate::ondisk::header::autoclear::DATA_FILE_RAW != 0
+        && !h.has_data_file()
+        && !opts.no_data_file
+    {
+        return Err(Error::invalid("data-file-raw requires a data file"));
+    }
+    if h.has_data_file() && !opts.no_data_file {
+        let name = h
+            .data_file
+            .as_deref()
+            .ok_or_else(|| Error::invalid("'data-file' is required for this image"))?;
+        let dpath = resolve_relative(path, name);
+        img.set_data_file(Arc::new(open_locked(&dpath, opts)?));
+    }
+    if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
+        let bpath = resolve_relative(path, name);
+        let depth = opts.writable_depth.and_then(|d| d.checked_sub(1));
+        let bopts = OpenOptions {
+            snapshot: None,
+            format: h.backing_format.clone(),
+            writable: depth == Some(0),
+            writable_depth: depth,
+            force_share: opts.force_share,
+            no_lock: opts.no_lock,
+            ..Default::default()
+        };
+        let backing = open_inner(&bpath, &bopts, seen)
+            .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
+        img.set_backing(Some(backing));
+    }
+    Ok(img)
 }

@@ -329,7 +329,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 
 /// Prints progress as qemu-img does (`    (12.34/100%)` and a carriage return) when stdout
 /// is not a terminal, and a bar with throughput when it is.
-struct Progress {
+pub(crate) struct Progress {
     tty: bool,
     last: AtomicU64,
     start: std::time::Instant,
@@ -337,7 +337,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub(crate) fn new() -> Progress {
         let p = Progress {
             tty: std::io::stdout().is_terminal(),
             last: AtomicU64::new(0),
@@ -371,7 +371,7 @@ impl Progress {
     }
 
     /// Redraws when the percentage moved by at least one point.
-    fn update(&self, done: u64, total: u64) {
+    pub(crate) fn update(&self, done: u64, total: u64) {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         let prev = self.last.load(Ordering::Relaxed);
         if pct > prev
@@ -384,7 +384,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.draw(1, 1);
         print_ignore("\n");
     }

@@ -10,6 +10,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod measure;
+mod reshape;
 mod write;
 pub mod writer;
 
