@@ -144,21 +144,18 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 }
 
 /// Finds `name` in the backing chain of `top` (depth 1 = its backing file) the way
-/// qemu-img does: by the name stored in the overlay, or by the file it resolves to
-/// (relative names relative to the directory of the image that names them, or to the
-/// current directory).
+/// qemu-img does: by the name stored in the overlay, or by the file it resolves to when
+/// taken relative to the directory of the image that names each layer (not to the
+/// current directory: `commit -b dir/base dir/top` is not found, as with qemu-img).
 fn find_in_chain(top_name: &str, top: &dyn Image, name: &str) -> Option<usize> {
     let canon = |p: &Path| std::fs::canonicalize(p).ok();
-    let wanted = [
-        canon(Path::new(name)),
-        canon(&resolve_relative(Path::new(top_name), name)),
-    ];
     let names = chain_filenames(top_name, top);
     let mut layer = top;
-    for (depth, file) in names.iter().enumerate().skip(1) {
+    for depth in 1..names.len() {
         let stored = as_qcow2(layer).and_then(|q| q.header().backing_file.clone());
-        let c = canon(Path::new(file));
-        if stored.as_deref() == Some(name) || (c.is_some() && wanted.contains(&c)) {
+        let wanted = canon(&resolve_relative(Path::new(&names[depth - 1]), name));
+        let c = canon(Path::new(&names[depth]));
+        if stored.as_deref() == Some(name) || (c.is_some() && wanted == c) {
             return Some(depth);
         }
         layer = layer.backing()?.as_ref();
