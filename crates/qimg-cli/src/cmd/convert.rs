@@ -397,10 +397,6 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             o.output_format.as_deref().unwrap_or("raw"),
         );
     }
-    if o.backing.is_some() {
-        ctx.error("convert -B is not implemented in qimg yet");
-        return 1;
-    }
     if o.bitmaps {
         ctx.error("convert --bitmaps is not implemented in qimg yet");
         return 1;
@@ -451,6 +447,49 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     }
     let target_path = Path::new(&o.target);
     let fresh = !o.no_create;
+    // -B (or -o backing_file=): the target becomes an overlay of that file.
+    let backing = o.backing.clone().or_else(|| o.options.get("backing_file"));
+    let backing_fmt = o
+        .backing_format
+        .clone()
+        .or_else(|| o.options.get("backing_fmt"));
+    if let Some(b) = &backing {
+        if fmt == "raw" {
+            ctx.error("Backing file not supported for file format 'raw'");
+            return 1;
+        }
+        if fresh && backing_fmt.is_none() {
+            ctx.error("Use of backing file requires explicit backing format");
+            return 1;
+        }
+        // The fresh target is written without opening its chain; check the backing file
+        // opens as qemu-img's open of the target would.
+        let bopts = ro_options(backing_fmt.clone(), o.force_share);
+        let bpath = qimg::open::resolve_relative(target_path, b);
+        if fresh {
+            if let Err(e) = qimg::open::open_image(&bpath, &bopts) {
+                if let Err(c) = crate::cmd::create::create_image(
+                    ctx,
+                    &fmt,
+                    &o.target,
+                    Some(total),
+                    &o.options,
+                    o.backing.as_deref(),
+                    o.backing_format.as_deref(),
+                    true,
+                    true,
+                    Some(&format!("error while converting {fmt}: ")),
+                ) {
+                    return c;
+                }
+                ctx.error(&format!(
+                    "Could not open '{}': Could not open backing file: {e}",
+                    o.target
+                ));
+                return 1;
+            }
+        }
+    }
     if fresh {
         if let Err(c) = crate::cmd::create::create_image(
             ctx,
@@ -458,8 +497,8 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             &o.target,
             Some(total),
             &o.options,
-            None,
-            None,
+            o.backing.as_deref(),
+            o.backing_format.as_deref(),
             true,
             true,
             Some(&format!("error while converting {fmt}: ")),
@@ -549,6 +588,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         threads: o.parallel.map(|m| m as usize).unwrap_or(8).max(4),
         flush,
         progress: Some(&cb),
+        top_only: backing.is_some(),
     };
     if let Err(e) = convert(&sources, target, &copts) {
         ctx.error(&format!("error while writing at byte 0: {e}"));

@@ -1,7 +1,7 @@
 //! `qemu-img dd`: copy part of an image into a new one, `dd` style.
 use crate::args::{HasArg, Item, Key, LongOpt};
-use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::cmd::common::{image_spec, open, ro_options};
+use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::opts::{cvtnum, cvtnum_full, OptionList};
 use qimg::open::OpenOptions;
 use qimg::ops::dd::{dd, plan};

@@ -235,7 +235,9 @@ fn rebase_cmd(ctx: &Ctx, o: &RebaseOpts) -> i32 {
                 p.update(d, t);
             }
         };
-        let ropts = RebaseOptions { progress: Some(&cb) };
+        let ropts = RebaseOptions {
+            progress: Some(&cb),
+        };
         let old = img.backing().cloned();
         let cs = img.cluster_size();
         if let Err(e) = rebase_copy(&img, old.as_deref(), new.as_deref(), cs, &ropts) {
