@@ -137,11 +137,37 @@ pub fn commit(top: &dyn Image, depth: usize, opts: &CommitOptions) -> Result<u64
         }
     }
     let total: u64 = items.iter().map(|i| i.1).sum();
-    let next = AtomicU64::new(0);
+    // Zero writes go first and are flushed, so the clusters they release (the engine
+    // frees only after a flush) can hold the data copied next: the base ends up as
+    // compact as QEMU, whose commit frees at once, leaves it.
+    run_items(top, base, &items, true, opts.threads, &|_| {})?;
+    base.flush()?;
     let done = AtomicU64::new(0);
+    let on_done = |len: u64| {
+        let d = done.fetch_add(len, Ordering::Relaxed) + len;
+        if let Some(p) = opts.progress {
+            p(d, total);
+        }
+    };
+    run_items(top, base, &items, false, opts.threads, &on_done)?;
+    base.flush()?;
+    Ok(total)
+}
+
+/// Runs `items` on worker threads: with `zeros`, only the zero writes, otherwise only
+/// the data copies.
+fn run_items(
+    top: &dyn Image,
+    base: &dyn Image,
+    items: &[(u64, u64)],
+    zeros: bool,
+    threads: usize,
+    on_done: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let threads = opts.threads.clamp(1, 64).min(items.len().max(1));
+    let threads = threads.clamp(1, 64).min(items.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -154,35 +180,40 @@ pub fn commit(top: &dyn Image, depth: usize, opts: &CommitOptions) -> Result<u64
                     let Some(&(off, len)) = items.get(i) else {
                         return;
                     };
-                    if let Err(e) = copy_item(top, base, off, len, &mut buf) {
+                    if let Err(e) = copy_item(top, base, off, len, &mut buf, zeros) {
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
                         return;
                     }
-                    let d = done.fetch_add(len, Ordering::Relaxed) + len;
-                    if let Some(p) = opts.progress {
-                        p(d, total);
-                    }
+                    on_done(len);
                 }
             });
         }
     });
-    if let Some(e) = first_error.into_inner().unwrap() {
-        return Err(e);
+    match first_error.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    base.flush()?;
-    Ok(total)
 }
 
-fn copy_item(top: &dyn Image, base: &dyn Image, off: u64, len: u64, buf: &mut [u8]) -> Result<()> {
+fn copy_item(
+    top: &dyn Image,
+    base: &dyn Image,
+    off: u64,
+    len: u64,
+    buf: &mut [u8],
+    zeros: bool,
+) -> Result<()> {
     let end = off + len;
     let mut pos = off;
     while pos < end {
         let e = chain_status(top, pos, end - pos)?;
         let n = e.len.min(end - pos);
         if e.zero && !e.data {
-            base.write_zeroes(pos, n, true)?;
-        } else {
+            if zeros {
+                base.write_zeroes(pos, n, true)?;
+            }
+        } else if !zeros {
             let b = &mut buf[..n as usize];
             top.read_at(b, pos)?;
             base.write_at(b, pos)?;
