@@ -75,7 +75,7 @@ fn verify(theirs: &Path, ours: &Path, exact: bool) {
     );
     let c = qemu_img(
         odir,
-        &[
+        [
             "compare",
             "-U",
             "-F",
@@ -92,7 +92,7 @@ fn verify(theirs: &Path, ours: &Path, exact: bool) {
     );
     let _ = std::fs::remove_file(&reference);
     if !name.ends_with(".raw") {
-        let ck = qemu_img(odir, &["check", "-U", name]);
+        let ck = qemu_img(odir, ["check", "-U", name]);
         assert_eq!(ck.code(), Some(0), "check of {name}: {}", ck.describe());
     }
     let info = ["info", "-U", "--output=json", name];
@@ -479,9 +479,9 @@ fn rebase_big_clusters_over_small() {
     );
     let o = qimg(d, ["rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"]);
     assert!(o.success(), "{}", o.describe());
-    let c = qemu_img(d, &["compare", "-F", "raw", "top.qcow2", "before.raw"]);
+    let c = qemu_img(d, ["compare", "-F", "raw", "top.qcow2", "before.raw"]);
     assert_eq!(c.code(), Some(0), "{}", c.describe());
-    assert_eq!(qemu_img(d, &["check", "top.qcow2"]).code(), Some(0));
+    assert_eq!(qemu_img(d, ["check", "top.qcow2"]).code(), Some(0));
 }
 
 // ---- QEMU builds, qimg operates, QEMU reads the whole chain back ------------------------
@@ -510,10 +510,10 @@ fn qimg_commit_then_rebase_chain_reads_same() {
         ["rebase", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
     );
     assert!(o.success(), "{}", o.describe());
-    let c = qemu_img(d, &["compare", "-F", "raw", "top.qcow2", "before.raw"]);
+    let c = qemu_img(d, ["compare", "-F", "raw", "top.qcow2", "before.raw"]);
     assert_eq!(c.code(), Some(0), "{}", c.describe());
     for f in CHAIN {
-        assert_eq!(qemu_img(d, &["check", f]).code(), Some(0), "check {f}");
+        assert_eq!(qemu_img(d, ["check", f]).code(), Some(0), "check {f}");
     }
 }
 

@@ -74,7 +74,7 @@ pub fn rebase_copy(
 ) -> Result<u64> {
     let len = img.len();
     let cs = cluster_size.max(512);
-    if STEP % cs != 0 && cs % STEP != 0 {
+    if !STEP.is_multiple_of(cs) && !cs.is_multiple_of(STEP) {
         return Err(Error::InvalidArgument(format!(
             "unsupported cluster size {cs}"
         )));

@@ -66,7 +66,7 @@ impl Qcow2 {
                 "qcow2 images can only be grown here".into(),
             ));
         }
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(
                 "The new size must be a multiple of 512".into(),
             ));
