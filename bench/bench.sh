@@ -4,7 +4,8 @@
 # Generates (reproducibly, fixed seed) a raw disk of BENCH_SIZE_MIB (default 1536 MiB) made of
 # 4 MiB extents cycling through random data, compressible data, written zeros and holes; makes
 # a qcow2 copy of it with qemu-img; then times, for each tool:
-#   qcow2->raw convert, raw->qcow2 convert, map (json), check, info
+#   qcow2->raw convert, raw->qcow2 convert, map (json), check, info, commit of a 2-deep
+#   chain into its base, safe rebase onto a different backing file
 # Each command runs twice per tool (interleaved) and the better time is kept (caches cannot be
 # dropped here, so both tools see warm caches). The outputs of the two tools are compared
 # (converted images with cmp / qemu-img compare, map/check/info text) and the table says so.
@@ -194,6 +195,60 @@ bench() {
     rm -f out.q out.t
 }
 
+# bench_inplace NAME FILE PREP CMD-TEMPLATE: for operations that change images in place.
+# Before each timing, PREP runs (untimed) in a fresh directory out.q / out.t to lay out the
+# images; CMD (with @BIN@) is then timed in that directory, and FILE of both directories is
+# compared with qemu-img compare.
+bench_inplace() {
+    local name="$1" file="$2" prep="$3" tmpl="$4"
+    local best_q=nan best_t=nan r t cmd
+    for r in $(seq 1 "$RUNS"); do
+        for tool in q t; do
+            local bin="$QEMU_IMG"
+            [ "$tool" = t ] && bin="$QIMG"
+            rm -rf "out.$tool"
+            mkdir "out.$tool"
+            (cd "out.$tool" && eval "$prep")
+            cmd="${tmpl//@BIN@/$bin}"
+            # shellcheck disable=SC2086
+            t="$(cd "out.$tool" && time_cmd "../stdout.$tool" 1 $cmd)"
+            if [ "$tool" = q ]; then best_q="$(min "$best_q" "$t")"; else best_t="$(min "$best_t" "$t")"; fi
+        done
+    done
+    local same="same"
+    "$QEMU_IMG" compare -q "out.q/$file" "out.t/$file" || same="DIFFERENT"
+    local ratio
+    ratio="$(awk -v q="$best_q" -v t="$best_t" 'BEGIN { if (q == "nan" || t == "nan" || t + 0 == 0) print "n/a"; else printf "%.2f", q / t }')"
+    rows+=("$(printf '%-22s %12s %12s %8s  %s' "$name" "$best_q" "$best_t" "$ratio" "$same")")
+    rm -rf out.q out.t
+}
+
+# Chains for commit and rebase, built once: base = the qcow2 source; mid and top are
+# overlays with 1 MiB written every 8 MiB (mid) and 256 KiB every 4 MiB (top), so the
+# layers' allocations overlap in part; new.qcow2 (a rebase target) is another overlay of
+# the source with 512 KiB written every 16 MiB.
+if [ ! -f chain0/top.qcow2 ]; then
+    echo "== generating backing chains" >&2
+    rm -rf chain0
+    mkdir chain0
+    cp --sparse=always src.qcow2 chain0/base.qcow2
+    (
+        cd chain0
+        "$QEMU_IMG" create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+        "$QEMU_IMG" create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
+        "$QEMU_IMG" create -q -f qcow2 -b "$dir/src.qcow2" -F qcow2 new.qcow2
+        "$QEMU_IMG" create -q -f qcow2 -b "$dir/src.qcow2" -F qcow2 rtop.qcow2
+        python3 -c "
+for i in range(0, $SIZE_MIB, 8): print(f'write -P {i % 251} {i}M 1M')" | qemu-io -f qcow2 mid.qcow2 >/dev/null
+        python3 -c "
+for i in range(2, $SIZE_MIB, 4): print(f'write -P {(i * 7) % 251} {i}M 256k')" | qemu-io -f qcow2 top.qcow2 >/dev/null
+        python3 -c "
+for i in range(0, $SIZE_MIB, 16): print(f'write -P {(i * 3) % 251} {i}M 512k')" | qemu-io -f qcow2 new.qcow2 >/dev/null
+        python3 -c "
+for i in range(1, $SIZE_MIB, 4): print(f'write -P 9 {i}M 64k')" | qemu-io -f qcow2 rtop.qcow2 >/dev/null
+    )
+fi
+
 echo "== running (each operation ${RUNS}x per tool, best time kept)" >&2
 bench "convert qcow2->raw" raw 1 "@BIN@ convert -f qcow2 -O raw src.qcow2 @OUT@"
 bench "convert raw->qcow2" qcow2 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@"
@@ -210,6 +265,12 @@ bench "map (fragmented) x3" stdout 3 "@BIN@ map -f qcow2 --output=json frag.qcow
 bench "check x10" stdout 10 "@BIN@ check -f qcow2 src.qcow2"
 bench "check (fragmented) x3" stdout 3 "@BIN@ check -f qcow2 frag.qcow2"
 bench "info x20" stdout 20 "@BIN@ info -f qcow2 src.qcow2"
+bench_inplace "commit -b (2-deep)" base.qcow2 \
+    "cp --sparse=always ../chain0/base.qcow2 ../chain0/mid.qcow2 ../chain0/top.qcow2 ." \
+    "@BIN@ commit -q -b base.qcow2 top.qcow2"
+bench_inplace "rebase (safe)" rtop.qcow2 \
+    "cp ../chain0/rtop.qcow2 ." \
+    "@BIN@ rebase -b $dir/chain0/new.qcow2 -F qcow2 rtop.qcow2"
 
 echo
 echo "fragmented image: 1 GiB, 4 KiB clusters, $(stat -c %s frag.qcow2) bytes"

@@ -35,6 +35,10 @@ pub struct OpenOptions {
     pub no_lock: bool,
     /// Read this internal snapshot of the top image instead of its active state.
     pub snapshot: Option<SnapshotSel>,
+    /// Also open the layer this deep in the backing chain for writing (0 = the top
+    /// itself, 1 = its backing file, ...): `commit` writes into a backing file, and a
+    /// second, writable open of the same file would conflict with the chain's own locks.
+    pub writable_depth: Option<usize>,
 }
 
 /// How an internal snapshot is named on a command line.
@@ -110,6 +114,10 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
         return Err(Error::invalid("Backing chain is too deep"));
     }
     seen.push(canon);
+    let opts = &OpenOptions {
+        writable: opts.writable || opts.writable_depth == Some(0),
+        ..opts.clone()
+    };
     let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
     let format = match &opts.format {
         Some(f) => f.clone(),
@@ -164,10 +172,14 @@ fn build_qcow2(
     }
     if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
         let bpath = resolve_relative(path, name);
+        // With `writable_depth`, the layer that many levels down is opened for writing
+        // (commit writes into a backing file).
+        let depth = opts.writable_depth.and_then(|d| d.checked_sub(1));
         let bopts = OpenOptions {
             snapshot: None,
             format: h.backing_format.clone(),
-            writable: false,
+            writable: depth == Some(0),
+            writable_depth: depth,
             force_share: opts.force_share,
             no_lock: opts.no_lock,
             ..Default::default()
@@ -210,3 +222,17 @@ pub fn open_owned(path: &Path, opts: &OpenOptions) -> Result<OwnedImage> {
         other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
     }
 }
+
+/// Opens a qcow2 image (and, unless told otherwise, its backing chain) and returns the
+/// engine itself rather than a shared handle, for operations that rewrite the header
+/// (`rebase`, `commit`'s emptying and growing) and therefore need exclusive access.
+pub fn open_qcow2(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+    let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
+    let opts = &OpenOptions {
+        writable: opts.writable || opts.writable_depth == Some(0),
+        ..opts.clone()
+    };
+    let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
+    build_qcow2(path, storage, opts, &mut seen)
+}
+

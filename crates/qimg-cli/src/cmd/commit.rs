@@ -1,7 +1,14 @@
 //! `qemu-img commit`: copy an overlay's data into its backing file.
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{as_qcow2, chain_filenames, image_spec, open, ro_options};
+use crate::cmd::convert::Progress;
+use crate::ctx::print_ignore;
 use crate::ctx::{run_getopt, Ctx, Parsed};
-use crate::opts::cvtnum;
+use crate::opts::{cvtnum, CacheMode};
+use qimg::image::Image;
+use qimg::open::{open_qcow2, resolve_relative, OpenOptions};
+use qimg::ops::commit::{commit, layer_at, CommitOptions};
+use std::path::Path;
 
 const CMD: &str = "commit";
 
@@ -131,7 +138,145 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<CommitOpts> {
 /// Runs `commit`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => commit_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+/// Finds `name` in the backing chain of `top` (depth 1 = its backing file) the way
+/// qemu-img does: by the name stored in the overlay, or by the file it resolves to when
+/// taken relative to the directory of the image that names each layer (not to the
+/// current directory: `commit -b dir/base dir/top` is not found, as with qemu-img).
+fn find_in_chain(top_name: &str, top: &dyn Image, name: &str) -> Option<usize> {
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    let names = chain_filenames(top_name, top);
+    let mut layer = top;
+    for depth in 1..names.len() {
+        let stored = as_qcow2(layer).and_then(|q| q.header().backing_file.clone());
+        let wanted = canon(&resolve_relative(Path::new(&names[depth - 1]), name));
+        let c = canon(Path::new(&names[depth]));
+        if stored.as_deref() == Some(name) || (c.is_some() && wanted == c) {
+            return Some(depth);
+        }
+        layer = layer.backing()?.as_ref();
+    }
+    None
+}
+
+/// Grows the image at `path` (format `fmt`) to `size` bytes.
+fn grow(path: &Path, fmt: &str, size: u64) -> qimg::Result<()> {
+    let opts = OpenOptions {
+        format: Some(fmt.to_string()),
+        writable: true,
+        no_backing: true,
+        ..Default::default()
+    };
+    if fmt == "qcow2" {
+        let mut q = open_qcow2(path, &opts)?;
+        q.grow(size)?;
+        q.close()
+    } else {
+        let f = qimg::open::open_locked(path, &opts)?;
+        qimg::storage::Storage::set_len(&f, size)
+    }
+}
+
+fn commit_cmd(ctx: &Ctx, o: &CommitOpts) -> i32 {
+    if let Some(t) = &o.cache {
+        if CacheMode::parse(t).is_none() {
+            ctx.error(&format!("Invalid cache option: {t}"));
+            return 1;
+        }
+    }
+    let (file, fmt) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let ro = ro_options(fmt.clone(), false);
+    // First look at the chain read-only: which layer is the base, and is it big enough?
+    let (depth, base_path, base_fmt, base_len, top_len) = {
+        let top = match open(ctx, &file, &ro) {
+            Ok(t) => t,
+            Err(c) => return c,
+        };
+        if top.backing().is_none() {
+            ctx.error("Image does not have a backing file");
+            return 1;
+        }
+        let depth = match &o.base {
+            None => 1,
+            Some(b) => match find_in_chain(&file, top.as_ref(), b) {
+                Some(d) => d,
+                None => {
+                    ctx.error(&format!(
+                        "Did not find '{b}' in the backing chain of '{}'",
+                        o.filename
+                    ));
+                    return 1;
+                }
+            },
+        };
+        let names = chain_filenames(&file, top.as_ref());
+        let Some(base) = layer_at(top.as_ref(), depth) else {
+            ctx.error("Image does not have a backing file");
+            return 1;
+        };
+        (
+            depth,
+            names[depth].clone(),
+            base.format_name(),
+            base.len(),
+            top.len(),
+        )
+    };
+    if base_len < top_len {
+        if let Err(e) = grow(Path::new(&base_path), base_fmt, top_len) {
+            ctx.error(&format!("Top image {} is larger than base image {base_path}, and resize of base image failed: {e}", o.filename));
+            return 1;
+        }
+    }
+    let progress = (o.progress && !o.quiet).then(Progress::new);
+    let cb = |d: u64, t: u64| {
+        if let Some(p) = &progress {
+            p.update(d, t);
+        }
+    };
+    {
+        let opts = OpenOptions {
+            writable_depth: Some(depth),
+            ..ro.clone()
+        };
+        let top = match open(ctx, &file, &opts) {
+            Ok(t) => t,
+            Err(c) => return c,
+        };
+        let copts = CommitOptions {
+            threads: 4,
+            progress: Some(&cb),
+        };
+        if let Err(e) = commit(top.as_ref(), depth, &copts) {
+            ctx.error(&format!("Block job failed: {e}"));
+            return 1;
+        }
+    }
+    // -b implies -d: the overlay still names its old backing file, whose content changed.
+    if !o.drop && o.base.is_none() && fmt.as_deref() != Some("raw") {
+        let opts = OpenOptions {
+            writable: true,
+            no_backing: true,
+            ..ro.clone()
+        };
+        let r = open_qcow2(Path::new(&file), &opts).and_then(|q| q.make_empty());
+        if let Err(e) = r {
+            ctx.error(&format!("Could not empty {}: {e}", o.filename));
+            return 1;
+        }
+    }
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    if !o.quiet {
+        print_ignore("Image committed.\n");
+    }
+    0
 }

@@ -329,7 +329,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 
 /// Prints progress as qemu-img does (`    (12.34/100%)` and a carriage return) when stdout
 /// is not a terminal, and a bar with throughput when it is.
-struct Progress {
+pub(crate) struct Progress {
     tty: bool,
     last: AtomicU64,
     start: std::time::Instant,
@@ -337,7 +337,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub(crate) fn new() -> Progress {
         let p = Progress {
             tty: std::io::stdout().is_terminal(),
             last: AtomicU64::new(0),
@@ -371,7 +371,7 @@ impl Progress {
     }
 
     /// Redraws when the percentage moved by at least one point.
-    fn update(&self, done: u64, total: u64) {
+    pub(crate) fn update(&self, done: u64, total: u64) {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         let prev = self.last.load(Ordering::Relaxed);
         if pct > prev
@@ -384,7 +384,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.draw(1, 1);
         print_ignore("\n");
     }
@@ -396,10 +396,6 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             ctx,
             o.output_format.as_deref().unwrap_or("raw"),
         );
-    }
-    if o.backing.is_some() {
-        ctx.error("convert -B is not implemented in qimg yet");
-        return 1;
     }
     let mut sources: Vec<Arc<dyn Image>> = Vec::new();
     let snapshot = o.snapshot.as_ref().map(|s| match s {
@@ -479,6 +475,49 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     }
     let target_path = Path::new(&o.target);
     let fresh = !o.no_create;
+    // -B (or -o backing_file=): the target becomes an overlay of that file.
+    let backing = o.backing.clone().or_else(|| o.options.get("backing_file"));
+    let backing_fmt = o
+        .backing_format
+        .clone()
+        .or_else(|| o.options.get("backing_fmt"));
+    if let Some(b) = &backing {
+        if fmt == "raw" {
+            ctx.error("Backing file not supported for file format 'raw'");
+            return 1;
+        }
+        if fresh && backing_fmt.is_none() {
+            ctx.error("Use of backing file requires explicit backing format");
+            return 1;
+        }
+        // The fresh target is written without opening its chain; check the backing file
+        // opens as qemu-img's open of the target would.
+        let bopts = ro_options(backing_fmt.clone(), o.force_share);
+        let bpath = qimg::open::resolve_relative(target_path, b);
+        if fresh {
+            if let Err(e) = qimg::open::open_image(&bpath, &bopts) {
+                if let Err(c) = crate::cmd::create::create_image(
+                    ctx,
+                    &fmt,
+                    &o.target,
+                    Some(total),
+                    &o.options,
+                    o.backing.as_deref(),
+                    o.backing_format.as_deref(),
+                    true,
+                    true,
+                    Some(&format!("error while converting {fmt}: ")),
+                ) {
+                    return c;
+                }
+                ctx.error(&format!(
+                    "Could not open '{}': Could not open backing file: {e}",
+                    o.target
+                ));
+                return 1;
+            }
+        }
+    }
     if fresh {
         if let Err(c) = crate::cmd::create::create_image(
             ctx,
@@ -486,8 +525,8 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             &o.target,
             Some(total),
             &o.options,
-            None,
-            None,
+            o.backing.as_deref(),
+            o.backing_format.as_deref(),
             true,
             true,
             Some(&format!("error while converting {fmt}: ")),
@@ -577,6 +616,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         threads: o.parallel.map(|m| m as usize).unwrap_or(8).max(4),
         flush,
         progress: Some(&cb),
+        top_only: backing.is_some(),
     };
     if let Err(e) = convert(&sources, target, &copts) {
         ctx.error(&format!("error while writing at byte 0: {e}"));

@@ -1,7 +1,10 @@
 //! `qemu-img dd`: copy part of an image into a new one, `dd` style.
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{image_spec, open, ro_options};
 use crate::ctx::{run_getopt, Ctx, Parsed};
-use crate::opts::{cvtnum, cvtnum_full};
+use crate::opts::{cvtnum, cvtnum_full, OptionList};
+use qimg::open::OpenOptions;
+use qimg::ops::dd::{dd, plan};
 
 const CMD: &str = "dd";
 
@@ -141,7 +144,56 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<DdOpts> {
 /// Runs `dd`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => dd_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+fn dd_cmd(ctx: &Ctx, o: &DdOpts) -> i32 {
+    let (input, fmt) = match image_spec(ctx, &o.input, o.format.clone(), o.image_opts) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let src = match open(ctx, &input, &ro_options(fmt, o.force_share)) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let out_fmt = o.output_format.clone().unwrap_or_else(|| "raw".into());
+    if out_fmt != "raw" && out_fmt != "qcow2" {
+        ctx.error("Unknown file format");
+        return 1;
+    }
+    let p = plan(src.len(), o.bs, o.count, o.skip);
+    if p.skip_too_far {
+        // qemu-img reports this and still creates an empty output (exit code 0).
+        ctx.error(&format!("{}: cannot skip to specified offset", o.input));
+    }
+    if let Err(c) = crate::cmd::create::create_image(
+        ctx,
+        &out_fmt,
+        &o.output,
+        Some(p.len),
+        &OptionList::default(),
+        None,
+        None,
+        true,
+        false,
+        Some("error while creating output image: "),
+    ) {
+        return c;
+    }
+    let topts = OpenOptions {
+        format: Some(out_fmt),
+        writable: true,
+        ..Default::default()
+    };
+    let dst = match open(ctx, &o.output, &topts) {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    if let Err(e) = dd(src.as_ref(), dst.as_ref(), &p) {
+        ctx.error(&format!("error while writing to output image file: {e}"));
+        return 1;
+    }
+    0
 }

@@ -1,6 +1,13 @@
 //! `qemu-img rebase`: change the backing file of an image.
 use crate::args::{HasArg, Item, Key, LongOpt};
+use crate::cmd::common::{image_spec, open, ro_options};
+use crate::cmd::convert::Progress;
 use crate::ctx::{run_getopt, Ctx, Parsed};
+use crate::opts::CacheMode;
+use qimg::image::Image;
+use qimg::open::{open_image, open_qcow2, resolve_relative, OpenOptions};
+use qimg::ops::rebase::{rebase_copy, RebaseOptions};
+use std::path::Path;
 
 const CMD: &str = "rebase";
 
@@ -150,7 +157,106 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<RebaseOpts> {
 /// Runs `rebase`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
-        Parsed::Run(_opts) => ctx.not_implemented(CMD),
+        Parsed::Run(opts) => rebase_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
+}
+
+fn rebase_cmd(ctx: &Ctx, o: &RebaseOpts) -> i32 {
+    for (t, what) in [(&o.cache, "cache"), (&o.backing_cache, "backing cache")] {
+        if let Some(t) = t {
+            if CacheMode::parse(t).is_none() {
+                ctx.error(&format!("Invalid {what} option: {t}"));
+                return 1;
+            }
+        }
+    }
+    if o.compress {
+        ctx.error("rebase -c is not implemented in qimg yet");
+        return 1;
+    }
+    let (file, fmt) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    let path = Path::new(&file);
+    // Open the image alone first to learn its format: only qcow2 records a backing file.
+    let is_qcow2 = {
+        let opts = OpenOptions {
+            no_backing: true,
+            ..ro_options(fmt.clone(), o.force_share)
+        };
+        match open(ctx, &file, &opts) {
+            Ok(i) => i.format_name() == "qcow2",
+            Err(c) => return c,
+        }
+    };
+    let new_name = o.backing.clone().unwrap_or_default();
+    let change_failed = |why: &str| {
+        ctx.error(&format!(
+            "Could not change the backing file to '{new_name}': {why}"
+        ));
+        1
+    };
+    if !is_qcow2 {
+        return change_failed("Operation not supported");
+    }
+    let opts = OpenOptions {
+        writable: true,
+        no_backing: o.unsafe_mode,
+        ..ro_options(fmt, o.force_share)
+    };
+    let mut img = match open_qcow2(path, &opts) {
+        Ok(i) => i,
+        Err(e) => {
+            ctx.error(&format!("Could not open '{}': {e}", o.filename));
+            return 1;
+        }
+    };
+    let progress = (o.progress && !o.quiet).then(Progress::new);
+    if !o.unsafe_mode {
+        // A relative name is relative to the image's directory, as QEMU resolves it.
+        let new = if new_name.is_empty() {
+            None
+        } else {
+            let bopts = ro_options(o.backing_format.clone(), o.force_share);
+            match open_image(&resolve_relative(path, &new_name), &bopts) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    ctx.error(&format!(
+                        "Could not open new backing file '{new_name}': {e}"
+                    ));
+                    return 1;
+                }
+            }
+        };
+        let cb = |d: u64, t: u64| {
+            if let Some(p) = &progress {
+                p.update(d, t);
+            }
+        };
+        let ropts = RebaseOptions {
+            progress: Some(&cb),
+        };
+        let old = img.backing().cloned();
+        let cs = img.cluster_size();
+        if let Err(e) = rebase_copy(&img, old.as_deref(), new.as_deref(), cs, &ropts) {
+            ctx.error(&format!("Error while rebasing: {e}"));
+            return 1;
+        }
+    }
+    if !new_name.is_empty() && o.backing_format.is_none() {
+        return change_failed("backing format must be specified");
+    }
+    let name = (!new_name.is_empty()).then_some(new_name.as_str());
+    if let Err(e) = img
+        .set_backing_file(name, o.backing_format.as_deref())
+        .and_then(|()| img.close())
+    {
+        return change_failed(&e.to_string());
+    }
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    0
 }

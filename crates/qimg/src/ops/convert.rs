@@ -46,6 +46,11 @@ pub struct ConvertOptions<'a> {
     pub flush: bool,
     /// Called with (bytes done, bytes total) as chunks complete.
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    /// The target has a backing file (`convert -B`): copy only what each source's top
+    /// layer allocates (what the source inherits stays unallocated, to be read from the
+    /// target's backing file), and write zeros explicitly, since the target does not
+    /// read as zeros where its backing file has data.
+    pub top_only: bool,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -57,6 +62,7 @@ impl Default for ConvertOptions<'_> {
             threads: 4,
             flush: false,
             progress: None,
+            top_only: false,
         }
     }
 }
@@ -116,6 +122,23 @@ impl<'a> Sources<'a> {
                 return Ok(true);
             }
             pos += e.len;
+        }
+        Ok(false)
+    }
+
+    /// Whether the top layer of some source allocates part of `[t, t+len)`.
+    fn top_allocated(&self, t: u64, len: u64) -> Result<bool> {
+        let mut pos = t;
+        let end = t + len;
+        while pos < end {
+            let (i, off) = self.locate(pos);
+            let img = self.images[i].as_ref();
+            let n = (end - pos).min(img.len() - off);
+            let e = img.block_status(off, n)?;
+            if e.status.allocated {
+                return Ok(true);
+            }
+            pos += e.len.clamp(1, n);
         }
         Ok(false)
     }
@@ -282,6 +305,9 @@ fn copy_chunk_inner(
         Some((t, c)) => t.wait(c, failed),
         None => Ok(()),
     };
+    if opts.top_only {
+        return copy_chunk_top_only(src, target, opts, start, buf, wait);
+    }
     let len = buf.len() as u64;
     let has_data = src.may_have_data(start, len)?;
     if has_data {
@@ -350,6 +376,116 @@ fn copy_chunk_inner(
             } else {
                 Ok(())
             }
+        }
+    }
+}
+
+/// What `convert -B` does with one target cluster.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// The source's top layer does not allocate it: leave it to the target's backing.
+    Skip,
+    /// Reads as zeros: zero cluster.
+    Zero,
+    /// Holds data.
+    Data,
+}
+
+/// `copy_chunk_inner` for a target with a backing file: cluster by cluster, only what the
+/// sources' top layers allocate. A cluster that the top layer allocates only in part (a
+/// smaller source cluster size, or extended L2) is read whole from the source chain; the
+/// rest of it is the inherited content the new backing file must hold anyway.
+fn copy_chunk_top_only(
+    src: &Sources,
+    target: &Target,
+    opts: &ConvertOptions,
+    start: u64,
+    buf: &mut [u8],
+    wait: impl Fn() -> Result<()>,
+) -> Result<()> {
+    let g = match target {
+        Target::Qcow2(w) => w.cluster_size(),
+        Target::Image(i) => match i.as_any().downcast_ref::<crate::qcow2::Qcow2>() {
+            Some(q) => q.cluster_size(),
+            None => 64 << 10,
+        },
+    } as usize;
+    let mut pieces = Vec::with_capacity(buf.len().div_ceil(g));
+    for i in (0..buf.len()).step_by(g) {
+        let n = g.min(buf.len() - i);
+        let t = start + i as u64;
+        if !src.top_allocated(t, n as u64)? {
+            pieces.push(Piece::Skip);
+            continue;
+        }
+        let b = &mut buf[i..i + n];
+        if src.may_have_data(t, n as u64)? {
+            src.read(b, t)?;
+            pieces.push(if opts.sparse_size != 0 && is_zero(b) {
+                Piece::Zero
+            } else {
+                Piece::Data
+            });
+        } else if opts.sparse_size == 0 {
+            b.fill(0);
+            pieces.push(Piece::Data);
+        } else {
+            pieces.push(Piece::Zero);
+        }
+    }
+    // Prepare compressed clusters before taking the commit turn.
+    let mut compressed = Vec::new();
+    if let (true, Target::Qcow2(w)) = (opts.compress, target) {
+        for (k, p) in pieces.iter().enumerate() {
+            if *p == Piece::Data {
+                let i = k * g;
+                let mut full = buf[i..(i + g).min(buf.len())].to_vec();
+                full.resize(g, 0);
+                compressed.push((k, compress::compress(w.compression(), &full)?, full));
+            }
+        }
+    }
+    wait()?;
+    match target {
+        Target::Qcow2(w) => {
+            if opts.compress {
+                for (k, c, full) in compressed {
+                    w.write_compressed(start + (k * g) as u64, c.as_deref(), &full)?;
+                }
+            }
+            // Runs of equal pieces, written with one call each.
+            let mut k = 0;
+            while k < pieces.len() {
+                let p = pieces[k];
+                let mut e = k + 1;
+                while e < pieces.len() && pieces[e] == p {
+                    e += 1;
+                }
+                let (i, j) = (k * g, (e * g).min(buf.len()));
+                let at = start + i as u64;
+                match p {
+                    Piece::Skip => {}
+                    Piece::Zero => w.zero_clusters(at, (j - i) as u64)?,
+                    Piece::Data if opts.compress => {}
+                    // qemu-img writes whole clusters here: no holes inside a cluster
+                    // whose backing may not read as zeros.
+                    Piece::Data => w.write_clusters(at, &buf[i..j])?,
+                }
+                k = e;
+            }
+            Ok(())
+        }
+        Target::Image(img) => {
+            for (k, p) in pieces.iter().enumerate() {
+                let (i, j) = (k * g, ((k + 1) * g).min(buf.len()));
+                let at = start + i as u64;
+                match p {
+                    Piece::Skip => {}
+                    Piece::Zero => img.write_zeroes(at, (j - i) as u64, true)?,
+                    Piece::Data => img.write_at(&buf[i..j], at)?,
+                }
+            }
+            Ok(())
         }
     }
 }

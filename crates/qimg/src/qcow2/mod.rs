@@ -13,6 +13,7 @@ pub mod compress;
 pub mod create;
 pub mod measure;
 pub mod repair;
+mod reshape;
 pub mod resize;
 mod snapshot;
 mod txn;

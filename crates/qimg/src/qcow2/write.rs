@@ -509,6 +509,24 @@ impl Qcow2 {
 
     /// Zeroes or discards whole clusters `[first, first+count)`.
     fn zero_clusters(&self, first: u64, count: u64, unmap: bool, discard: bool) -> Result<()> {
+        self.zero_clusters_mode(first, count, unmap, discard, false)
+    }
+
+    /// Clears the L2 entries of clusters `[first, first+count)` to 0 ("full discard", as
+    /// QEMU's `make_empty` does when it cannot rebuild the image): the clusters read from
+    /// the backing file again.
+    pub(crate) fn clear_entries(&self, first: u64, count: u64) -> Result<()> {
+        self.zero_clusters_mode(first, count, true, true, true)
+    }
+
+    fn zero_clusters_mode(
+        &self,
+        first: u64,
+        count: u64,
+        unmap: bool,
+        discard: bool,
+        full: bool,
+    ) -> Result<()> {
         let ext = self.header.extended_l2();
         let df = self.header.has_data_file();
         let v3 = self.header.version >= 3;
@@ -525,7 +543,9 @@ impl Qcow2 {
                     && !discard
                     && copied
                     && matches!(kind, ClusterType::Normal(_) | ClusterType::ZeroAlloc(_));
-                let (new, nb) = if !v3 {
+                let (new, nb) = if full {
+                    (0, 0)
+                } else if !v3 {
                     // v2 has no zero flag: deallocate (callers only get here without a
                     // backing file, or for discard, where exposing the backing is allowed).
                     (0, 0)
