@@ -235,4 +235,3 @@ pub fn open_qcow2(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
     let storage: Arc<dyn Storage> = Arc::new(open_locked(path, opts)?);
     build_qcow2(path, storage, opts, &mut seen)
 }
-

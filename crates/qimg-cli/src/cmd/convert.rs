@@ -613,7 +613,13 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         sparse_size: o.sparse_size.unwrap_or(4096),
         target_is_zero: fresh || o.target_is_zero,
         compress: o.compress,
-        threads: o.parallel.map(|m| m as usize).unwrap_or(8).max(4),
+        // Compression is CPU-bound: one worker per core; plain copies overlap I/O with
+        // qemu-img's default of 8 requests in flight.
+        threads: o.parallel.map(|m| m as usize).unwrap_or(if o.compress {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            8
+        }),
         flush,
         progress: Some(&cb),
         top_only: backing.is_some(),

@@ -349,21 +349,35 @@ fn copy_chunk_inner(
                 } else {
                     (opts.sparse_size as usize).min(cs)
                 };
-                let mut prepared = Vec::new();
+                // Only compressed streams are kept until the commit; clusters that do not
+                // compress are written from `buf` itself, so memory stays near one chunk.
+                let mut prepared: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+                let padded = |cl: &[u8]| {
+                    let mut full = cl.to_vec();
+                    full.resize(cs, 0);
+                    full
+                };
                 if has_data {
                     for (i, cl) in buf.chunks(cs).enumerate() {
                         if opts.sparse_size != 0 && cl.chunks(g).all(is_zero) {
                             continue;
                         }
-                        let mut full = cl.to_vec();
-                        full.resize(cs, 0);
-                        let c = compress::compress(w.compression(), &full)?;
-                        prepared.push((start + (i * cs) as u64, c, full));
+                        let c = if cl.len() == cs {
+                            compress::compress(w.compression(), cl)?
+                        } else {
+                            compress::compress(w.compression(), &padded(cl))?
+                        };
+                        prepared.push((i, c));
                     }
                 }
                 wait()?;
-                for (guest, c, full) in prepared {
-                    w.write_compressed(guest, c.as_deref(), &full)?;
+                for (i, c) in prepared {
+                    let guest = start + (i * cs) as u64;
+                    let cl = &buf[i * cs..((i + 1) * cs).min(buf.len())];
+                    match c {
+                        Some(c) => w.write_compressed(guest, Some(&c), &[])?,
+                        None => w.write_compressed(guest, None, &padded(cl))?,
+                    }
                 }
                 return Ok(());
             }

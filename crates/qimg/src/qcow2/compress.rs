@@ -39,6 +39,8 @@ pub fn compress(ty: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
             match c.compress(input, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => {
                     out.truncate(c.total_out() as usize);
+                    // Callers keep many of these until they are committed in order.
+                    out.shrink_to_fit();
                     Ok(Some(out))
                 }
                 _ => Ok(None),
