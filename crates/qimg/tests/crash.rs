@@ -67,13 +67,19 @@ fn crash_case(name: &str, opts: &str, size: u64, cs: u64, ops: usize, seed: u64)
         .unwrap();
         let mut rng = Rng(seed);
         for _ in 0..ops {
+            let whole = rng.below(4) == 0 && size >= 4 * cs;
             let len = match rng.below(3) {
+                _ if whole => (2 + rng.below(3)) * cs,
                 0 => 1 + rng.below(1000),
                 1 => cs,
                 _ => 1 + rng.below(3 * cs),
             }
             .min(size);
-            let off = rng.below(size - len + 1);
+            let off = if whole {
+                rng.below(size / cs - len / cs + 1) * cs
+            } else {
+                rng.below(size - len + 1)
+            };
             let start = fs.journal_len();
             match rng.below(8) {
                 0..=4 => {

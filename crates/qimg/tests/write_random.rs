@@ -33,6 +33,12 @@ fn run(cmd: &str, args: &[&str]) -> String {
 
 /// Picks an offset/length pair: aligned or not, tiny or spanning clusters.
 fn range(rng: &mut Rng, size: u64, cs: u64) -> (u64, u64) {
+    if rng.below(5) == 0 && size >= 4 * cs {
+        // Whole clusters at a cluster boundary: the batched allocation path.
+        let n = 2 + rng.below(3);
+        let off = rng.below(size / cs - n + 1) * cs;
+        return (off, n * cs);
+    }
     let len = match rng.below(4) {
         0 => 1 + rng.below(700),
         1 => cs,

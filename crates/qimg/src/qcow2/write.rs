@@ -490,9 +490,160 @@ impl Qcow2 {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
+            // Whole clusters that all need new space go in one allocation and one write.
+            if pos & (cs - 1) == 0 && buf.len() - done >= 2 * cs as usize {
+                let whole = (buf.len() - done) / cs as usize;
+                let n = self.write_fresh_run(&buf[done..done + whole * cs as usize], pos)?;
+                if n > 0 {
+                    done += n * cs as usize;
+                    continue;
+                }
+            }
             let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
             self.write_in_cluster(&buf[done..done + n], pos)?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes a prefix of `data` (whole clusters at cluster-aligned `offset`) whose
+    /// clusters all need a fresh host cluster, within one L2 table: one contiguous
+    /// allocation, one data write, then all L2 entries at once. Returns the number of
+    /// clusters written (0: the first cluster needs the general path).
+    fn write_fresh_run(&self, data: &[u8], offset: u64) -> Result<usize> {
+        let cs = self.cluster_size();
+        let df = self.header.has_data_file();
+        if df {
+            return Ok(0);
+        }
+        let ext = self.header.extended_l2();
+        let gc0 = offset >> self.cluster_bits;
+        let max = (data.len() as u64 / cs).min(self.l2_entries() - (gc0 & (self.l2_entries() - 1)));
+        // Phase 1: claim the clusters that qualify and allocate space for them.
+        let mut g = self.ws()?;
+        let mut olds = Vec::new();
+        for k in 0..max {
+            let gc = gc0 + k;
+            let st = g.as_ref().unwrap();
+            if st.in_flight.contains(&gc) {
+                break;
+            }
+            let (entry, _) = self.entry_locked(gc)?;
+            let fresh = match l2::classify(entry, ext, false) {
+                ClusterType::Normal(_) | ClusterType::ZeroAlloc(_) => entry & COPIED == 0,
+                _ => true,
+            };
+            if !fresh {
+                break;
+            }
+            olds.push(entry);
+        }
+        let n = olds.len() as u64;
+        if n < 2 {
+            return Ok(0);
+        }
+        let host = {
+            let st = g.as_mut().unwrap();
+            for k in 0..n {
+                st.in_flight.insert(gc0 + k);
+            }
+            let r = self
+                .l2_writable(st, gc0 >> self.l2_bits)
+                .and_then(|_| st.refs.alloc(self.file.as_ref(), n));
+            match r {
+                Ok(h) => h,
+                Err(e) => {
+                    for k in 0..n {
+                        st.in_flight.remove(&(gc0 + k));
+                    }
+                    self.ws_cond.notify_all();
+                    return Err(e);
+                }
+            }
+        };
+        if let Some(what) = self.overlap(g.as_ref().unwrap(), host, n * cs, None) {
+            let st = g.as_mut().unwrap();
+            for k in 0..n {
+                st.in_flight.remove(&(gc0 + k));
+            }
+            self.ws_cond.notify_all();
+            return Err(Error::Corrupt(format!(
+                "Preventing invalid write on metadata (overlaps with {what})"
+            )));
+        }
+        drop(g);
+        // Phase 2: the data, in one write.
+        let io = self.file.write_at(&data[..(n * cs) as usize], host);
+        // Phase 3: link every cluster, one slice copy per L2 slice.
+        let mut g = self.ws.lock().unwrap();
+        let st = g.as_mut().unwrap();
+        let r = io.and_then(|()| {
+            let entries: Vec<(u64, u64, u64)> = (0..n)
+                .map(|k| {
+                    (
+                        gc0 + k,
+                        (host + k * cs) | COPIED,
+                        if ext { u32::MAX as u64 } else { 0 },
+                    )
+                })
+                .collect();
+            self.set_entries(st, &entries)?;
+            for e in &olds {
+                self.free_entry(st, *e);
+            }
+            Ok(())
+        });
+        if r.is_err() {
+            for k in 0..n {
+                st.refs.free_later((host >> self.cluster_bits) + k);
+            }
+        }
+        for k in 0..n {
+            st.in_flight.remove(&(gc0 + k));
+        }
+        self.ws_cond.notify_all();
+        drop(g);
+        r?;
+        self.maybe_flush()?;
+        Ok(n as usize)
+    }
+
+    /// Rewrites several L2 entries of one L2 table, copying each cached slice once.
+    fn set_entries(&self, st: &mut WriteState, entries: &[(u64, u64, u64)]) -> Result<()> {
+        let mut i = 0;
+        while i < entries.len() {
+            let gc = entries[i].0;
+            self.set_entry(st, gc, entries[i].1, entries[i].2)?;
+            // The rest of this slice: patch the copy set_entry just installed.
+            let l1i = gc >> self.l2_bits;
+            let table = self.l2_writable(st, l1i)?;
+            let slice_bytes = self.l2_cache.slice_bytes() as u64;
+            let per_slice = slice_bytes / self.entry_bytes();
+            let index = gc & (self.l2_entries() - 1);
+            let first = index / per_slice * per_slice;
+            let (slice, _) = self.l2_slice(table, index)?;
+            let mut v = slice.as_ref().clone();
+            let mut j = i + 1;
+            while j < entries.len() {
+                let (gj, ej, bj) = entries[j];
+                let ij = gj & (self.l2_entries() - 1);
+                if gj >> self.l2_bits != l1i || ij / per_slice * per_slice != first {
+                    break;
+                }
+                let k = (ij - first) as usize;
+                if self.header.extended_l2() {
+                    v[2 * k] = ej;
+                    v[2 * k + 1] = bj;
+                } else {
+                    v[k] = ej;
+                }
+                j += 1;
+            }
+            if j > i + 1 {
+                self.l2_cache
+                    .put_dirty(table + first * self.entry_bytes(), v);
+            }
+            i = j;
         }
         Ok(())
     }
