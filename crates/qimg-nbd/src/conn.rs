@@ -371,7 +371,7 @@ impl Conn<'_> {
     fn write(&self, req: &Request, data: &[u8]) -> CmdResult {
         let img = &self.exp.export.image;
         let dz = self.inner.config.detect_zeroes;
-        if dz != DetectZeroes::Off && !data.is_empty() && is_zero(data) {
+        if dz != DetectZeroes::Off && !data.is_empty() && qimg::buf::is_zero(data) {
             let unmap = dz == DetectZeroes::Unmap && self.inner.config.discard == Discard::Unmap;
             img.write_zeroes(req.offset, data.len() as u64, unmap)
                 .map_err(img_err)?;
@@ -749,16 +749,4 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// Whether a buffer is all zeros. OR-folding fixed-size blocks lets the compiler
-/// vectorise the inner loop while still stopping early on data.
-fn is_zero(b: &[u8]) -> bool {
-    let mut blocks = b.chunks_exact(256);
-    for blk in &mut blocks {
-        if blk.iter().fold(0u8, |a, &x| a | x) != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&x| x == 0)
 }

@@ -32,20 +32,25 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
     /// Deallocates a range so that it reads as zeros; the default writes zeros.
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, offset, len)
     }
     /// Returns where the next data at or after `offset` starts and where it ends, if the
     /// storage knows about holes; `None` means "treat everything as data".
     fn next_data(&self, _offset: u64) -> Result<Option<(u64, u64)>> {
         Ok(None)
     }
+}
+
+/// Writes `len` zero bytes at `offset`, 1 MiB at a time.
+fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        s.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// How an opener takes QEMU's image locks (see `shared/qcow2-reference.md` §5).
@@ -243,14 +248,7 @@ impl Storage for FileStorage {
             return Ok(());
         }
         // Filesystems without hole punching: fall back to writing zeros.
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, offset, len)
     }
 
     fn next_data(&self, offset: u64) -> Result<Option<(u64, u64)>> {

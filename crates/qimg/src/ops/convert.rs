@@ -5,6 +5,7 @@
 //! read), read what holds data, detect zeros at the sparse granularity and write the rest.
 //! Compression runs on the worker threads too, so it uses every core.
 
+use crate::buf::is_zero;
 use crate::error::{Error, Result};
 use crate::image::{chain_status, Image};
 use crate::qcow2::compress;
@@ -156,13 +157,6 @@ impl<'a> Sources<'a> {
     }
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    // Compare in u64 words; the compiler vectorizes this loop.
-    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets aligned bytes.
-    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
-}
-
 /// Converts `sources` into `target`. The target must be at least as large as the sum of
 /// the sources.
 pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions) -> Result<()> {
@@ -214,7 +208,7 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
                         gate,
                         &failed,
                     ) {
-                        turn.skip(c);
+                        turn.skip();
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
                         return;
@@ -270,7 +264,7 @@ impl Turn {
     }
 
     /// Releases waiters after a failure.
-    fn skip(&self, _c: u64) {
+    fn skip(&self) {
         self.cv.notify_all();
     }
 }

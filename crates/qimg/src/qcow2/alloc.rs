@@ -141,19 +141,6 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Adds one to a refcount (snapshots share clusters this way).
-    #[allow(dead_code)]
-    pub(crate) fn increment(&mut self, file: &dyn Storage, c: u64) -> Result<()> {
-        let v = self.get(file, c)?;
-        if v >= rc::max(self.order) {
-            return Err(Error::InvalidArgument(format!(
-                "Refcount overflow for cluster offset {:#x}; try qemu-img amend -o refcount_bits=...",
-                c << self.cluster_bits
-            )));
-        }
-        self.set(file, c, v + 1)
-    }
-
     /// Queues a decrement for after the next flush.
     pub(crate) fn free_later(&mut self, c: u64) {
         self.pending_free.push(c);

@@ -28,7 +28,7 @@
 //! wait, so two writers never allocate the same cluster twice.
 
 use super::alloc::Refcounts;
-use super::{Mapping, Qcow2};
+use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::ondisk::header::incompat;
@@ -893,10 +893,5 @@ impl Qcow2 {
         // flush writes (QEMU's qcow2_inactivate order).
         self.bm_store()?;
         self.flush_metadata(true)
-    }
-
-    /// Guest-visible mapping for tests and tools.
-    pub fn mapping(&self, offset: u64) -> Result<Mapping> {
-        Ok(self.map_run(offset, 1)?.1)
     }
 }

@@ -14,6 +14,7 @@
 //! live images go through the write engine.
 
 use super::{Qcow2, Qcow2Options};
+use crate::buf::is_zero;
 use crate::error::{Error, Result};
 use crate::ondisk::header::{CompressionType, Header};
 use crate::ondisk::l2::{self, ClusterType, CompressedDesc, COPIED};
@@ -268,8 +269,8 @@ impl Qcow2Writer {
                 let g = guest + (ci * cs) as u64;
                 let (l1i, l2i) = self.entry_index(g);
                 self.table(&mut st, l1i)?;
-                let host = match hosts.last() {
-                    Some(&(c, h)) if c == ci => h,
+                match hosts.last() {
+                    Some(&(c, _)) if c == ci => {}
                     _ => {
                         let mut next_free = st.next_free;
                         let t = st.l2.get_mut(&l1i).expect("table() created it");
@@ -296,10 +297,8 @@ impl Qcow2Writer {
                             st.data_end = st.data_end.max(h + cs as u64);
                         }
                         hosts.push((ci, h));
-                        h
                     }
-                };
-                let _ = host;
+                }
                 if ext {
                     let t = st.l2.get_mut(&l1i).expect("table exists");
                     let (ra, rb) = (a - ci * cs, b - ci * cs);
@@ -447,14 +446,8 @@ impl Qcow2Writer {
         let cs = self.cluster_size();
         let mut guard = self.state.lock().unwrap();
         let st = &mut *guard;
-        // Place L2 tables that are new.
+        // Every dirty table got its cluster when it was created (`table`).
         let dirty: Vec<u64> = st.dirty.iter().copied().collect();
-        for &l1i in &dirty {
-            if l2::l1_offset(st.l1[l1i as usize]) == 0 {
-                st.l1[l1i as usize] = st.next_free | COPIED;
-                st.next_free += cs;
-            }
-        }
         for &l1i in &dirty {
             let mut buf = vec![0u8; cs as usize];
             for (i, w) in st.l2[&l1i].iter().enumerate() {
@@ -660,10 +653,4 @@ impl Qcow2Writer {
     pub fn compression(&self) -> CompressionType {
         self.header.compression()
     }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets aligned bytes.
-    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
