@@ -39,6 +39,91 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn next_data(&self, _offset: u64) -> Result<Option<(u64, u64)>> {
         Ok(None)
     }
+    /// A read-only memory mapping of the whole storage, for readers that only look at most
+    /// of the bytes (zero detection) and hand the rest straight to a write: it saves the
+    /// copy into a buffer. `None` when the storage cannot be mapped.
+    ///
+    /// The caller takes on a risk plain reads do not have: if another process truncates the
+    /// file while it is mapped, touching the lost tail raises SIGBUS. Use it only where that
+    /// signal is handled (the CLI's convert installs a handler that exits with an error).
+    fn map_readonly(&self) -> Option<Mapping> {
+        None
+    }
+    /// Allocates space for a range about to be written in full, so the filesystem does
+    /// not have to reserve it block by block during the write; best effort.
+    fn preallocate(&self, _offset: u64, _len: u64) {}
+}
+
+/// A read-only shared mapping of a file, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned; sharing `&[u8]` views across threads is sound
+// as long as no one writes through it, and nothing does.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from offset 0 read-only.
+    fn new(fd: libc::c_int, len: usize) -> Option<Mapping> {
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a fresh read-only shared mapping; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Mapping { ptr, len })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is mapped readable for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+
+    /// Asks the kernel to map the pages of `[offset, offset+len)` now, in one call, rather
+    /// than one fault at a time; best effort.
+    pub fn populate(&self, offset: usize, len: usize) {
+        const MADV_POPULATE_READ: libc::c_int = 22;
+        let page = 4096;
+        let start = offset & !(page - 1);
+        let end = (offset + len).min(self.len);
+        if start >= end {
+            return;
+        }
+        // SAFETY: advice on a range inside our own mapping; failure is harmless.
+        unsafe {
+            libc::madvise(
+                (self.ptr as *mut u8).add(start) as *mut libc::c_void,
+                end - start,
+                MADV_POPULATE_READ,
+            );
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
 }
 
 /// Writes `len` zero bytes at `offset`, 1 MiB at a time.
@@ -270,6 +355,25 @@ impl Storage for FileStorage {
             return Ok(None);
         }
         Ok(Some((data as u64, hole as u64)))
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on a valid fd with plain integer arguments; failure is harmless.
+        unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            );
+        }
+    }
+
+    fn map_readonly(&self) -> Option<Mapping> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(self.len().ok()?).ok()?;
+        Mapping::new(self.file.as_raw_fd(), len)
     }
 }
 

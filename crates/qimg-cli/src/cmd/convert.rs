@@ -623,6 +623,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         flush,
         progress: Some(&cb),
         top_only: backing.is_some(),
+        map_sources: sigbus::install(&ctx.prog),
     };
     if let Err(e) = convert(&sources, target, &copts) {
         ctx.error(&format!("error while writing at byte 0: {e}"));
@@ -658,4 +659,39 @@ fn copy_bitmaps(
         q.bitmap_merge_ranges(&b.name, ranges)?;
     }
     q.close()
+}
+
+/// Turns SIGBUS into qemu-img-style error exit, so raw sources may be memory-mapped: the
+/// only way to get the signal is a source shrinking under a running convert, and that must
+/// end in a one-line error rather than a crash dump.
+mod sigbus {
+    use std::sync::OnceLock;
+
+    static MESSAGE: OnceLock<Vec<u8>> = OnceLock::new();
+
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        if let Some(m) = MESSAGE.get() {
+            // SAFETY: write(2) and _exit(2) are async-signal-safe; the message was built
+            // before the handler was installed and is never freed.
+            unsafe {
+                libc::write(2, m.as_ptr() as *const libc::c_void, m.len());
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::_exit(1) }
+    }
+
+    /// Installs the handler; returns whether mapping sources is safe.
+    pub fn install(prog: &str) -> bool {
+        let msg =
+            format!("{prog}: error while reading: a source image shrank during the conversion\n");
+        MESSAGE.get_or_init(|| msg.into_bytes());
+        // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) == 0
+        }
+    }
 }

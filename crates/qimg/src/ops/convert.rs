@@ -52,6 +52,10 @@ pub struct ConvertOptions<'a> {
     /// target's backing file), and write zeros explicitly, since the target does not
     /// read as zeros where its backing file has data.
     pub top_only: bool,
+    /// Map raw sources into memory instead of reading them into buffers, which saves one
+    /// copy of every byte. Off by default: a source truncated by another process while
+    /// mapped raises SIGBUS, so only callers that handle that signal should turn it on.
+    pub map_sources: bool,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -64,6 +68,7 @@ impl Default for ConvertOptions<'_> {
             flush: false,
             progress: None,
             top_only: false,
+            map_sources: false,
         }
     }
 }
@@ -75,6 +80,7 @@ impl std::fmt::Debug for ConvertOptions<'_> {
             .field("target_is_zero", &self.target_is_zero)
             .field("compress", &self.compress)
             .field("threads", &self.threads)
+            .field("map_sources", &self.map_sources)
             .finish()
     }
 }
@@ -87,21 +93,70 @@ struct Sources<'a> {
     images: &'a [Arc<dyn Image>],
     starts: Vec<u64>,
     total: u64,
+    /// Per source and backing depth, the file holding that layer's guest data, mapped
+    /// into memory (when asked for, and for raw and qcow2 layers only).
+    maps: Vec<Vec<Option<crate::storage::Mapping>>>,
 }
 
 impl<'a> Sources<'a> {
-    fn new(images: &'a [Arc<dyn Image>]) -> Self {
+    fn new(images: &'a [Arc<dyn Image>], map: bool) -> Self {
         let mut starts = Vec::with_capacity(images.len());
+        let mut maps = Vec::with_capacity(images.len());
         let mut total = 0;
         for i in images {
             starts.push(total);
             total += i.len();
+            maps.push(if map {
+                map_layers(i.as_ref())
+            } else {
+                Vec::new()
+            });
         }
         Sources {
             images,
             starts,
             total,
+            maps,
         }
+    }
+
+    /// `[t, t+len)` straight from a mapped file, when it is stored there in one piece:
+    /// a raw source, or one uncompressed data extent of a qcow2 layer.
+    fn borrow(&self, t: u64, len: u64) -> Result<Option<&[u8]>> {
+        let (i, off) = self.locate(t);
+        let maps = &self.maps[i];
+        if maps.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let img = self.images[i].as_ref();
+        if off + len > img.len() {
+            return Ok(None);
+        }
+        let (m, host) = if img.format_name() == "raw" {
+            (maps[0].as_ref(), off)
+        } else {
+            let e = chain_status(img, off, len)?;
+            match e.offset {
+                Some(h) if e.len == len && e.present && e.data && !e.zero && !e.compressed => {
+                    (maps.get(e.depth as usize).and_then(Option::as_ref), h)
+                }
+                _ => (None, 0),
+            }
+        };
+        let Some(m) = m else { return Ok(None) };
+        let (Ok(host), Ok(len)) = (usize::try_from(host), usize::try_from(len)) else {
+            return Ok(None);
+        };
+        let Some(bytes) = host
+            .checked_add(len)
+            .and_then(|end| m.bytes().get(host..end))
+        else {
+            return Ok(None);
+        };
+        let off = host;
+        // One call maps the chunk's pages; faulting them one by one costs more.
+        m.populate(off, len);
+        Ok(Some(bytes))
     }
 
     /// The source holding target offset `t`, and the offset within it.
@@ -157,10 +212,30 @@ impl<'a> Sources<'a> {
     }
 }
 
+/// Maps the file that holds each layer's guest data, top first, stopping at the first layer
+/// that is neither raw nor qcow2 (what lies below it is read the ordinary way).
+fn map_layers(top: &dyn Image) -> Vec<Option<crate::storage::Mapping>> {
+    let mut out = Vec::new();
+    let mut layer = Some(top);
+    while let Some(l) = layer {
+        let any = l.as_any();
+        let file = if let Some(r) = any.downcast_ref::<crate::raw::Raw>() {
+            r.file()
+        } else if let Some(q) = any.downcast_ref::<crate::qcow2::Qcow2>() {
+            q.data_file().unwrap_or(q.file())
+        } else {
+            break;
+        };
+        out.push(file.map_readonly());
+        layer = l.backing().map(|b| b.as_ref());
+    }
+    out
+}
+
 /// Converts `sources` into `target`. The target must be at least as large as the sum of
 /// the sources.
 pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions) -> Result<()> {
-    let src = Sources::new(sources);
+    let src = Sources::new(sources, opts.map_sources);
     if target.len() < src.total {
         return Err(Error::InvalidArgument(
             "The target is smaller than the source".into(),
@@ -173,6 +248,10 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let threads = opts.threads.clamp(1, 64).min(chunks.max(1) as usize);
+    let compressing = opts.compress && matches!(target, Target::Qcow2(_));
+    if !compressing && !opts.top_only {
+        return convert_pipelined(&src, target, opts, threads);
+    }
     // qcow2 targets commit chunks in guest order (reading, zero detection and
     // compression still run in parallel), so clusters are allocated in the same order as
     // qemu-img allocates them and the layout does not depend on thread timing.
@@ -228,6 +307,245 @@ pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions
         Target::Image(img) if opts.flush => img.flush(),
         Target::Image(_) => Ok(()),
         Target::Qcow2(w) => w.finish(opts.flush),
+    }
+}
+
+/// A chunk's bytes on their way to the writer.
+enum Bytes<'a> {
+    /// Reads as zeros; nothing was read.
+    Zero,
+    /// Straight from a mapped source file.
+    Borrowed(&'a [u8]),
+    /// Read into a pool buffer (the first `usize` bytes are the chunk).
+    Owned(crate::buf::AlignedBuf, usize),
+}
+
+impl Bytes<'_> {
+    fn get(&self) -> &[u8] {
+        match self {
+            Bytes::Zero => &[],
+            Bytes::Borrowed(b) => b,
+            Bytes::Owned(b, n) => &b[..*n],
+        }
+    }
+}
+
+/// What the writer does with a chunk.
+enum Plan {
+    /// qcow2 target: place and write the non-zero blocks.
+    Sparse(crate::qcow2::writer::SparsePlan),
+    /// qcow2 target with `-S 0`: allocate and write every cluster.
+    Clusters,
+    /// Other targets: (start, end, zero) runs; data runs are written, zero runs are
+    /// written as zeros unless the target already reads as zeros.
+    Runs(Vec<(usize, usize, bool)>),
+}
+
+/// One prepared chunk.
+struct Job<'a> {
+    start: u64,
+    bytes: Bytes<'a>,
+    plan: Plan,
+}
+
+/// Gates how far readers may run ahead of the writer, and carries buffers back to them.
+struct Window {
+    /// (chunks fully written, free buffers)
+    state: Mutex<(u64, Vec<crate::buf::AlignedBuf>)>,
+    cv: std::sync::Condvar,
+    size: u64,
+}
+
+/// `convert` for plain copies, as a pipeline: reader threads take chunks in order, read
+/// them (or borrow them from a mapped source), find the zero blocks and hand the chunk
+/// to this thread, which writes chunks in guest order.
+///
+/// One writer, because a filesystem serializes buffered writes to one file anyway
+/// (Linux holds the inode lock across each write): several writing threads only queue on
+/// that lock, and every time its holder is preempted they all stall. A single writer
+/// that never waits for reads keeps the lock busy instead, while readers overlap with it.
+fn convert_pipelined(
+    src: &Sources,
+    target: Target,
+    opts: &ConvertOptions,
+    threads: usize,
+) -> Result<()> {
+    let total = src.total;
+    let chunks = total.div_ceil(CHUNK);
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let window = Window {
+        state: Mutex::new((0, Vec::new())),
+        cv: std::sync::Condvar::new(),
+        size: (threads as u64).max(2),
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Result<Job>)>(threads * 2);
+    let mut result = Ok(());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (next, failed, window, target) = (&next, &failed, &window, &target);
+            s.spawn(move || loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks || failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let buf = {
+                    let mut st = window.state.lock().unwrap();
+                    while c >= st.0 + window.size && !failed.load(Ordering::Relaxed) {
+                        st = window.cv.wait(st).unwrap();
+                    }
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    st.1.pop()
+                };
+                let job = prepare_chunk(src, target, opts, c, buf);
+                if tx.send((c, job)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        result = write_jobs(&rx, &target, opts, chunks, &window, total);
+        if result.is_err() {
+            failed.store(true, Ordering::Relaxed);
+            window.cv.notify_all();
+            // Unblock readers waiting to send.
+            while rx.recv().is_ok() {}
+        }
+    });
+    result?;
+    match target {
+        Target::Image(img) if opts.flush => img.flush(),
+        Target::Image(_) => Ok(()),
+        Target::Qcow2(w) => w.finish(opts.flush),
+    }
+}
+
+/// The writer's side of [`convert_pipelined`]: takes jobs, writes them in chunk order.
+fn write_jobs(
+    rx: &std::sync::mpsc::Receiver<(u64, Result<Job>)>,
+    target: &Target,
+    opts: &ConvertOptions,
+    chunks: u64,
+    window: &Window,
+    total: u64,
+) -> Result<()> {
+    let mut pending = std::collections::BTreeMap::new();
+    let mut want = 0u64;
+    let mut done = 0u64;
+    while want < chunks {
+        let job = match pending.remove(&want) {
+            Some(j) => j,
+            None => {
+                let (c, j) = rx
+                    .recv()
+                    .map_err(|_| Error::InvalidArgument("conversion aborted".into()))?;
+                if c != want {
+                    pending.insert(c, j);
+                    continue;
+                }
+                j
+            }
+        };
+        let job: Job = job?;
+        write_job(target, opts, &job)?;
+        done += CHUNK.min(total - job.start);
+        let mut st = window.state.lock().unwrap();
+        st.0 = want + 1;
+        if let Bytes::Owned(b, _) = job.bytes {
+            st.1.push(b);
+        }
+        drop(st);
+        window.cv.notify_all();
+        want += 1;
+        if let Some(p) = opts.progress {
+            p(done.min(total), total);
+        }
+    }
+    Ok(())
+}
+
+/// A reader's side of [`convert_pipelined`]: reads chunk `c` and plans its writes.
+fn prepare_chunk<'a>(
+    src: &'a Sources,
+    target: &Target,
+    opts: &ConvertOptions,
+    c: u64,
+    buf: Option<crate::buf::AlignedBuf>,
+) -> Result<Job<'a>> {
+    let start = c * CHUNK;
+    let len = CHUNK.min(src.total - start);
+    let n = len as usize;
+    let bytes = if !src.may_have_data(start, len)? {
+        if opts.sparse_size == 0 {
+            // -S 0 writes what reads as zeros too, from a buffer.
+            let mut b = buf.unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
+            b[..n].fill(0);
+            Bytes::Owned(b, n)
+        } else {
+            Bytes::Zero
+        }
+    } else if let Some(b) = src.borrow(start, len)? {
+        Bytes::Borrowed(b)
+    } else {
+        let mut b = buf.unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
+        src.read(&mut b[..n], start)?;
+        Bytes::Owned(b, n)
+    };
+    let data = bytes.get();
+    let plan = match target {
+        Target::Qcow2(_) if opts.sparse_size == 0 => Plan::Clusters,
+        Target::Qcow2(w) => Plan::Sparse(w.plan_sparse(data, opts.sparse_size as usize)),
+        Target::Image(_) if opts.sparse_size == 0 => Plan::Runs(vec![(0, n, false)]),
+        Target::Image(_) if data.is_empty() => Plan::Runs(vec![(0, n, true)]),
+        Target::Image(_) => {
+            let g = opts.sparse_size as usize;
+            let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+            let mut i = 0;
+            while i < n {
+                let j = (i + g).min(n);
+                let zero = is_zero(&data[i..j]);
+                match runs.last_mut() {
+                    Some(r) if r.2 == zero => r.1 = j,
+                    _ => runs.push((i, j, zero)),
+                }
+                i = j;
+            }
+            Plan::Runs(runs)
+        }
+    };
+    Ok(Job { start, bytes, plan })
+}
+
+/// Carries out one job on the target.
+fn write_job(target: &Target, opts: &ConvertOptions, job: &Job) -> Result<()> {
+    let data = job.bytes.get();
+    match (&job.plan, target) {
+        (Plan::Sparse(plan), Target::Qcow2(w)) => {
+            let placed = w.place(job.start, plan)?;
+            w.write_placed(data, &placed)
+        }
+        (Plan::Clusters, Target::Qcow2(w)) => w.write_clusters(job.start, data),
+        (Plan::Runs(runs), Target::Image(img)) => {
+            let raw = img.as_any().downcast_ref::<crate::raw::Raw>();
+            for &(a, b, zero) in runs {
+                if !zero {
+                    if let Some(r) = raw {
+                        // See Qcow2Writer::write_placed: one reservation per run.
+                        r.file().preallocate(job.start + a as u64, (b - a) as u64);
+                    }
+                    img.write_at(&data[a..b], job.start + a as u64)?;
+                } else if !opts.target_is_zero {
+                    img.write_zeroes(job.start + a as u64, (b - a) as u64, true)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Err(Error::InvalidArgument(
+            "convert plan does not fit the target".into(),
+        )),
     }
 }
 
@@ -302,90 +620,66 @@ fn copy_chunk_inner(
     if opts.top_only {
         return copy_chunk_top_only(src, target, opts, start, buf, wait);
     }
+    // Plain copies go through `convert_pipelined`; what is left here is compression.
+    let Target::Qcow2(w) = target else {
+        return Err(Error::InvalidArgument(
+            "compression needs a qcow2 target".into(),
+        ));
+    };
     let len = buf.len() as u64;
     let has_data = src.may_have_data(start, len)?;
-    if has_data {
-        src.read(buf, start)?;
+    let borrowed = if has_data {
+        src.borrow(start, len)?
     } else {
-        buf.fill(0);
-    }
-    match target {
-        Target::Image(img) => {
-            wait()?;
-            if opts.sparse_size == 0 {
-                return img.write_at(buf, start);
+        None
+    };
+    let buf: &[u8] = match borrowed {
+        Some(b) => b,
+        None => {
+            if has_data {
+                src.read(buf, start)?;
             }
-            let g = opts.sparse_size as usize;
-            let mut i = 0usize;
-            while i < buf.len() {
-                let zero = !has_data || is_zero(&buf[i..(i + g).min(buf.len())]);
-                let mut j = i;
-                while j < buf.len()
-                    && (!has_data || is_zero(&buf[j..(j + g).min(buf.len())])) == zero
-                {
-                    j = (j + g).min(buf.len());
-                }
-                if !zero {
-                    img.write_at(&buf[i..j], start + i as u64)?;
-                } else if !opts.target_is_zero {
-                    img.write_zeroes(start + i as u64, (j - i) as u64, true)?;
-                }
-                i = j;
-            }
-            Ok(())
+            buf
         }
-        Target::Qcow2(w) => {
-            let cs = w.cluster_size() as usize;
-            if opts.compress {
-                // Compress every cluster holding data in parallel, then commit in order.
-                let g = if opts.sparse_size == 0 {
-                    cs
-                } else {
-                    (opts.sparse_size as usize).min(cs)
-                };
-                // Only compressed streams are kept until the commit; clusters that do not
-                // compress are written from `buf` itself, so memory stays near one chunk.
-                let mut prepared: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
-                let padded = |cl: &[u8]| {
-                    let mut full = cl.to_vec();
-                    full.resize(cs, 0);
-                    full
-                };
-                if has_data {
-                    for (i, cl) in buf.chunks(cs).enumerate() {
-                        if opts.sparse_size != 0 && cl.chunks(g).all(is_zero) {
-                            continue;
-                        }
-                        let c = if cl.len() == cs {
-                            compress::compress(w.compression(), cl)?
-                        } else {
-                            compress::compress(w.compression(), &padded(cl))?
-                        };
-                        prepared.push((i, c));
-                    }
-                }
-                wait()?;
-                for (i, c) in prepared {
-                    let guest = start + (i * cs) as u64;
-                    let cl = &buf[i * cs..((i + 1) * cs).min(buf.len())];
-                    match c {
-                        Some(c) => w.write_compressed(guest, Some(&c), &[])?,
-                        None => w.write_compressed(guest, None, &padded(cl))?,
-                    }
-                }
-                return Ok(());
+    };
+    let cs = w.cluster_size() as usize;
+    // Compress every cluster holding data in parallel, then commit in order.
+    let g = if opts.sparse_size == 0 {
+        cs
+    } else {
+        (opts.sparse_size as usize).min(cs)
+    };
+    // Only compressed streams are kept until the commit; clusters that do not compress
+    // are written from `buf` itself, so memory stays near one chunk.
+    let mut prepared: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+    let padded = |cl: &[u8]| {
+        let mut full = cl.to_vec();
+        full.resize(cs, 0);
+        full
+    };
+    if has_data {
+        for (i, cl) in buf.chunks(cs).enumerate() {
+            if opts.sparse_size != 0 && cl.chunks(g).all(is_zero) {
+                continue;
             }
-            wait()?;
-            if opts.sparse_size == 0 {
-                // -S 0: allocate everything, zeros included.
-                w.write_clusters(start, buf)
-            } else if has_data {
-                w.write_sparse(start, buf, opts.sparse_size as usize)
+            let c = if cl.len() == cs {
+                compress::compress(w.compression(), cl)?
             } else {
-                Ok(())
-            }
+                compress::compress(w.compression(), &padded(cl))?
+            };
+            prepared.push((i, c));
         }
     }
+    wait()?;
+    for (i, c) in prepared {
+        let guest = start + (i * cs) as u64;
+        let cl = &buf[i * cs..((i + 1) * cs).min(buf.len())];
+        match c {
+            Some(c) => w.write_compressed(guest, Some(&c), &[])?,
+            None => w.write_compressed(guest, None, &padded(cl))?,
+        }
+    }
+    Ok(())
 }
 
 /// What `convert -B` does with one target cluster.

@@ -29,28 +29,48 @@ pub fn decompress(ty: CompressionType, input: &[u8], cluster_size: usize) -> Res
 /// Compresses one cluster the way QEMU stores it; `None` when the result would not be
 /// smaller than the cluster (QEMU then stores the cluster uncompressed).
 pub fn compress(ty: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
-    let limit = input.len() - 1;
-    match ty {
-        CompressionType::Zlib => {
-            // Default level, raw deflate with a 4 KiB window as QEMU's deflateInit2(-12).
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = vec![0u8; limit];
-            match c.compress(input, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) => {
-                    out.truncate(c.total_out() as usize);
-                    // Callers keep many of these until they are committed in order.
-                    out.shrink_to_fit();
-                    Ok(Some(out))
-                }
-                _ => Ok(None),
-            }
-        }
-        CompressionType::Zstd => {
-            let out = zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd", e))?;
-            Ok(if out.len() <= limit { Some(out) } else { None })
-        }
+    // Codec state is kept per thread: setting up a deflate or zstd context costs about as
+    // much as compressing a small cluster, and convert compresses every cluster.
+    thread_local! {
+        static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+            const { std::cell::RefCell::new(None) };
+        static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
     }
+    let limit = input.len() - 1;
+    let mut out = vec![0u8; limit];
+    let n = match ty {
+        CompressionType::Zlib => DEFLATE.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            // Default level, raw deflate with a 4 KiB window as QEMU's deflateInit2(-12).
+            let c = cell.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            c.reset();
+            match c.compress(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => Some(c.total_out() as usize),
+                _ => None,
+            }
+        }),
+        CompressionType::Zstd => ZSTD.with(|cell| -> Result<Option<usize>> {
+            let mut cell = cell.borrow_mut();
+            let c = match cell.as_mut() {
+                Some(c) => c,
+                None => {
+                    cell.insert(zstd::bulk::Compressor::new(0).map_err(|e| Error::io("zstd", e))?)
+                }
+            };
+            // A destination one byte short of the cluster makes zstd give up as soon as
+            // the frame would not be smaller, which is QEMU's "store it uncompressed".
+            Ok(c.compress_to_buffer(input, &mut out[..]).ok())
+        })?,
+    };
+    Ok(n.map(|n| {
+        out.truncate(n);
+        // Callers keep many of these until they are committed in order.
+        out.shrink_to_fit();
+        out
+    }))
 }
 
 #[cfg(test)]
