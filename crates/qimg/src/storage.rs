@@ -117,6 +117,23 @@ impl Mapping {
     }
 }
 
+/// Drops the page-table entries of the whole pages inside `bytes`, a slice of a
+/// [`Mapping`], so they stop counting towards the process's resident memory. The data stays
+/// in the page cache and the slice stays valid: touching it again faults the pages back in.
+pub fn release_mapped(bytes: &[u8]) {
+    let page = 4096usize;
+    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) & !(page - 1);
+    if start >= end {
+        return;
+    }
+    // SAFETY: the range lies inside a shared read-only file mapping; MADV_DONTNEED on such
+    // a mapping only drops page-table entries, the contents are unchanged on the next read.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `new` mapped.

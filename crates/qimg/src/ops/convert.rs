@@ -350,8 +350,10 @@ struct Job<'a> {
 
 /// Gates how far readers may run ahead of the writer, and carries buffers back to them.
 struct Window {
-    /// (chunks fully written, free buffers)
-    state: Mutex<(u64, Vec<crate::buf::AlignedBuf>)>,
+    /// (chunks fully written, free buffers, written ranges of mapped sources whose pages
+    /// readers should release as (address, length))
+    #[allow(clippy::type_complexity)]
+    state: Mutex<(u64, Vec<crate::buf::AlignedBuf>, Vec<(usize, usize)>)>,
     cv: std::sync::Condvar,
     size: u64,
 }
@@ -375,7 +377,7 @@ fn convert_pipelined(
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let window = Window {
-        state: Mutex::new((0, Vec::new())),
+        state: Mutex::new((0, Vec::new(), Vec::new())),
         cv: std::sync::Condvar::new(),
         size: (threads as u64).max(2),
     };
@@ -390,7 +392,7 @@ fn convert_pipelined(
                 if c >= chunks || failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let buf = {
+                let (buf, written) = {
                     let mut st = window.state.lock().unwrap();
                     while c >= st.0 + window.size && !failed.load(Ordering::Relaxed) {
                         st = window.cv.wait(st).unwrap();
@@ -398,9 +400,23 @@ fn convert_pipelined(
                     if failed.load(Ordering::Relaxed) {
                         return;
                     }
-                    st.1.pop()
+                    (st.1.pop(), std::mem::take(&mut st.2))
                 };
-                let job = prepare_chunk(src, target, opts, c, buf);
+                // Pages of a mapped source would otherwise stay in the page tables until
+                // the end, counting the whole source as resident memory.
+                for (addr, len) in written {
+                    // SAFETY: (addr, len) came from a slice of a mapping in `src`, which
+                    // outlives the workers.
+                    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                    crate::storage::release_mapped(bytes);
+                }
+                let mut buf = buf;
+                let job = prepare_chunk(src, target, opts, c, &mut buf);
+                if let Some(b) = buf {
+                    // Not needed for this chunk: back to the pool, since a fresh 2 MiB
+                    // buffer costs page faults and zeroing on every use.
+                    window.state.lock().unwrap().1.push(b);
+                }
                 if tx.send((c, job)).is_err() {
                     return;
                 }
@@ -454,8 +470,10 @@ fn write_jobs(
         done += CHUNK.min(total - job.start);
         let mut st = window.state.lock().unwrap();
         st.0 = want + 1;
-        if let Bytes::Owned(b, _) = job.bytes {
-            st.1.push(b);
+        match job.bytes {
+            Bytes::Owned(b, _) => st.1.push(b),
+            Bytes::Borrowed(b) => st.2.push((b.as_ptr() as usize, b.len())),
+            Bytes::Zero => {}
         }
         drop(st);
         window.cv.notify_all();
@@ -473,7 +491,7 @@ fn prepare_chunk<'a>(
     target: &Target,
     opts: &ConvertOptions,
     c: u64,
-    buf: Option<crate::buf::AlignedBuf>,
+    buf: &mut Option<crate::buf::AlignedBuf>,
 ) -> Result<Job<'a>> {
     let start = c * CHUNK;
     let len = CHUNK.min(src.total - start);
@@ -481,7 +499,9 @@ fn prepare_chunk<'a>(
     let bytes = if !src.may_have_data(start, len)? {
         if opts.sparse_size == 0 {
             // -S 0 writes what reads as zeros too, from a buffer.
-            let mut b = buf.unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
+            let mut b = buf
+                .take()
+                .unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
             b[..n].fill(0);
             Bytes::Owned(b, n)
         } else {
@@ -490,7 +510,9 @@ fn prepare_chunk<'a>(
     } else if let Some(b) = src.borrow(start, len)? {
         Bytes::Borrowed(b)
     } else {
-        let mut b = buf.unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
+        let mut b = buf
+            .take()
+            .unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
         src.read(&mut b[..n], start)?;
         Bytes::Owned(b, n)
     };
