@@ -126,12 +126,15 @@ if [ -x /usr/bin/time ]; then
 else
     TIMEV="env"
 fi
-# Peak resident memory of each run, in KiB, when GNU time is installed (package `time`).
-if [ -x /usr/bin/time ]; then
-    TIMEV="/usr/bin/time -f %M"
-else
-    TIMEV="env"
-fi
+
+# Before each timing: earlier outputs are written back (so their writeback does not land in
+# the next timing) and the inputs are read once. The development VMs page out page cache
+# that has not been touched for a few seconds, so without this whichever tool runs first
+# after a pause reads from disk and the other from memory.
+warm() {
+    sync
+    cat "$dir"/data.raw "$dir"/*.qcow2 "$dir"/chain0/*.qcow2 >/dev/null 2>&1 || true
+}
 
 # time_cmd OUTFILE REPEAT CMD... : runs CMD REPEAT times with stdout to OUTFILE, prints the
 # elapsed seconds of all repetitions.
@@ -139,6 +142,7 @@ time_cmd() {
     local out="$1" repeat="$2"
     shift 2
     local t0 t1 i
+    warm
     t0="$(now)"
     for ((i = 0; i < repeat; i++)); do
         if ! $TIMEV -o "$out.rss" "$@" >"$out" 2>"$out.err"; then
@@ -219,7 +223,7 @@ bench_inplace() {
     "$QEMU_IMG" compare -q "out.q/$file" "out.t/$file" || same="DIFFERENT"
     local ratio
     ratio="$(awk -v q="$best_q" -v t="$best_t" 'BEGIN { if (q == "nan" || t == "nan" || t + 0 == 0) print "n/a"; else printf "%.2f", q / t }')"
-    rows+=("$(printf '%-22s %12s %12s %8s  %s' "$name" "$best_q" "$best_t" "$ratio" "$same")")
+    rows+=("$(printf '%-28s %10s %10s %7s %9s %9s  %s' "$name" "$best_q" "$best_t" "$ratio" "-" "-" "$same")")
     rm -rf out.q out.t
 }
 
