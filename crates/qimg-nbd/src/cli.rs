@@ -387,7 +387,10 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
 enum Object {
     /// `tls-creds-x509`: credentials, loaded when the object is created (as QEMU does),
     /// or `None` for a client endpoint, which a server cannot use.
-    X509 { id: String, creds: Option<TlsConfig> },
+    X509 {
+        id: String,
+        creds: Option<TlsConfig>,
+    },
     /// `authz-simple`: the one client identity allowed in.
     AuthzSimple { id: String, identity: String },
 }
@@ -919,6 +922,44 @@ mod tests {
         let args: Vec<String> = a.iter().map(|s| s.to_string()).collect();
         let (o, p) = getopt(&args).map_err(|u| u.0)?;
         validate(o, p).map_err(|f| f.msg)
+    }
+
+    #[test]
+    fn qemu_opts_syntax() {
+        let kv = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            split_qemu_opts("authz-simple,id=a,identity=C=GB,,O=x,,CN=y"),
+            kv(&[
+                ("qom-type", "authz-simple"),
+                ("id", "a"),
+                ("identity", "C=GB,O=x,CN=y")
+            ])
+        );
+        assert_eq!(
+            split_qemu_opts("qom-type=secret,id=s,,x,flag"),
+            kv(&[("qom-type", "secret"), ("id", "s,x"), ("flag", "on")])
+        );
+        assert!(parse(&[
+            "--object",
+            "authz-simple,id=a,identity=CN=x",
+            "--tls-authz=a",
+            "i"
+        ])
+        .unwrap_err()
+        .contains("not permitted without --tls-creds"));
+        assert!(parse(&[
+            "--object",
+            "authz-simple,id=a,identity=x",
+            "--tls-creds=a",
+            "--tls-authz=a",
+            "i"
+        ])
+        .unwrap_err()
+        .contains("is not TLS credentials"));
     }
 
     #[test]

@@ -71,7 +71,9 @@ pub(crate) fn run(inner: &Inner, stream: Stream) {
     if w.is_tls() && !c.failed.load(Ordering::SeqCst) {
         // Say goodbye at the TLS level so the client sees a clean end of the session; a
         // client that stopped reading gets a moment, not a hung server thread.
-        let _ = c.ctl.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+        let _ = c
+            .ctl
+            .set_write_timeout(Some(std::time::Duration::from_secs(1)));
         let _ = w.close_notify();
     }
     drop(w);

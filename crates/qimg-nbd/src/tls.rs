@@ -459,7 +459,9 @@ fn dotted(oid: &[u8]) -> String {
     let mut parts: Vec<u64> = Vec::new();
     let mut v: u64 = 0;
     for &b in oid {
-        v = (v << 7) | u64::from(b & 0x7f);
+        // Absurdly long components wrap instead of overflowing: the name is then wrong,
+        // which only means no identity matches it.
+        v = v.wrapping_shl(7) | u64::from(b & 0x7f);
         if b & 0x80 == 0 {
             if parts.is_empty() {
                 let first = (v / 40).min(2);
@@ -487,12 +489,11 @@ fn attr_value(tag: u8, body: &[u8], whole: &[u8]) -> String {
         // TeletexString: in practice Latin-1.
         0x14 => Some(body.iter().map(|&b| char::from(b)).collect()),
         // BMPString: UCS-2 big-endian.
-        0x1e if body.len() % 2 == 0 => char::decode_utf16(
-            body.chunks(2)
-                .map(|c| u16::from_be_bytes([c[0], c[1]])),
-        )
-        .collect::<Result<String, _>>()
-        .ok(),
+        0x1e if body.len().is_multiple_of(2) => {
+            char::decode_utf16(body.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])))
+                .collect::<Result<String, _>>()
+                .ok()
+        }
         _ => None,
     };
     let Some(s) = text else {
@@ -566,4 +567,90 @@ pub fn subject_dn(cert: &[u8]) -> Option<String> {
         rdns.push(avas.join("+"));
     }
     Some(rdns.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        if body.len() < 0x80 {
+            v.push(body.len() as u8);
+        } else {
+            v.push(0x82);
+            v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        }
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn rdn(oid: &[u8], vtag: u8, value: &[u8]) -> Vec<u8> {
+        let mut ava = tlv(0x06, oid);
+        ava.extend(tlv(vtag, value));
+        tlv(0x31, &tlv(0x30, &ava))
+    }
+
+    /// A certificate skeleton: only the fields `subject_dn` walks through are real.
+    fn cert(subject: &[u8]) -> Vec<u8> {
+        let mut tbs = tlv(0xa0, &tlv(0x02, &[2]));
+        tbs.extend(tlv(0x02, &[1]));
+        tbs.extend(tlv(0x30, &[]));
+        tbs.extend(tlv(0x30, &rdn(&[0x55, 4, 3], 0x0c, b"CA")));
+        tbs.extend(tlv(0x30, &[]));
+        tbs.extend(tlv(0x30, subject));
+        tlv(0x30, &tlv(0x30, &tbs))
+    }
+
+    #[test]
+    fn subject_in_certificate_order_with_escapes() {
+        let mut name = rdn(&[0x55, 4, 6], 0x13, b"GB");
+        name.extend(rdn(&[0x55, 4, 10], 0x0c, b"a,b+c"));
+        name.extend(rdn(&[0x55, 4, 3], 0x0c, b" lead#"));
+        name.extend(rdn(&[0x2a, 3, 4], 0x02, &[5]));
+        assert_eq!(
+            subject_dn(&cert(&name)).unwrap(),
+            "C=GB,O=a\\,b\\+c,CN=\\ lead#,1.2.3.4=#020105"
+        );
+        // Multi-valued RDN, BMPString.
+        let mut ava1 = tlv(0x06, &[0x55, 4, 11]);
+        ava1.extend(tlv(0x1e, &[0, b'x', 0, b'y']));
+        let mut ava2 = tlv(0x06, &[0x55, 4, 3]);
+        ava2.extend(tlv(0x16, b"z"));
+        let mut set = tlv(0x30, &ava1);
+        set.extend(tlv(0x30, &ava2));
+        assert_eq!(subject_dn(&cert(&tlv(0x31, &set))).unwrap(), "OU=xy+CN=z");
+    }
+
+    #[test]
+    fn hostile_certificates_do_not_panic() {
+        let mut name = rdn(&[0x55, 4, 3], 0x0c, b"client");
+        name.extend(rdn(
+            &[
+                0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+            ],
+            0x0c,
+            b"x",
+        ));
+        let good = cert(&name);
+        assert!(subject_dn(&good).is_some());
+        for cut in 0..good.len() {
+            let _ = subject_dn(&good[..cut]);
+        }
+        let mut rng = 0x1234_5678_u32;
+        for _ in 0..2000 {
+            let mut c = good.clone();
+            rng = rng.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let i = (rng >> 8) as usize % c.len();
+            c[i] = (rng >> 20) as u8;
+            let _ = subject_dn(&c);
+        }
+        for junk in [
+            &[][..],
+            &[0x30, 0x84, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x30, 0x85, 1][..],
+        ] {
+            assert!(subject_dn(junk).is_none());
+        }
+    }
 }

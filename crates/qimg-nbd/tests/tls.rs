@@ -13,7 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("qnbdtls").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("qnbdtls")
+        .tempdir()
+        .unwrap()
 }
 
 fn s(p: &Path) -> &str {
@@ -278,7 +281,17 @@ fn tls_clients_read_and_write_like_a_raw_reference() {
     let sock = d.path().join("s");
     let cobj = client_object(&pki.client);
     let opts = qemu_unix_opts(&sock);
-    let srv_args = ["-t", "-e", "0", "--object", &obj, "--tls-creds=tls0", "-f", "raw", s(&img)];
+    let srv_args = [
+        "-t",
+        "-e",
+        "0",
+        "--object",
+        &obj,
+        "--tls-creds=tls0",
+        "-f",
+        "raw",
+        s(&img),
+    ];
     let srv = Srv::start(qimg_nbd(), &sock, &srv_args);
     let mut via: Vec<String> = vec!["--object".into(), cobj.clone(), "--image-opts".into()];
     via.extend(script(&unix_ops));
@@ -338,7 +351,18 @@ fn tls_clients_read_and_write_like_a_raw_reference() {
     drop(tcp);
 
     // And read back on a unix socket (read-only export), by nbdcopy and qemu-img.
-    let ro_args = ["-t", "-e", "0", "-r", "--object", &obj, "--tls-creds=tls0", "-f", "raw", s(&img)];
+    let ro_args = [
+        "-t",
+        "-e",
+        "0",
+        "-r",
+        "--object",
+        &obj,
+        "--tls-creds=tls0",
+        "-f",
+        "raw",
+        s(&img),
+    ];
     let srv = Srv::start(qimg_nbd(), &sock, &ro_args);
     let out3 = d.path().join("out3.raw");
     ok(120, "nbdcopy", &[&nbds_unix(&sock, &pki.client), s(&out3)]);
@@ -373,7 +397,16 @@ fn nbdinfo_over_tls_matches_qemu_nbd() {
     let img = d.path().join("img.raw");
     make_raw(&img, 4 << 20);
     let obj = pki.object("");
-    let args = ["-t", "-r", "--object", &obj, "--tls-creds=tls0", "-f", "raw", s(&img)];
+    let args = [
+        "-t",
+        "-r",
+        "--object",
+        &obj,
+        "--tls-creds=tls0",
+        "-f",
+        "raw",
+        s(&img),
+    ];
     let mut outs = Vec::new();
     for prog in [qimg_nbd(), "qemu-nbd"] {
         let sock = d.path().join("s");
@@ -407,13 +440,26 @@ fn clients_without_tls_are_refused() {
         let srv = Srv::start(
             prog,
             &sock,
-            &["-t", "-e", "0", "--object", &obj, "--tls-creds=tls0", "-f", "raw", s(&img)],
+            &[
+                "-t",
+                "-e",
+                "0",
+                "--object",
+                &obj,
+                "--tls-creds=tls0",
+                "-f",
+                "raw",
+                s(&img),
+            ],
         );
         let plain = format!("nbd+unix:///?socket={}", s(&sock));
         let a = run(30, "nbdinfo", &[&plain]);
         assert!(!a.status.success(), "{prog}: plain nbdinfo was served");
         let b = run(30, "nbdinfo", &["--list", &plain]);
-        assert!(!b.status.success(), "{prog}: plain nbdinfo --list was served");
+        assert!(
+            !b.status.success(),
+            "{prog}: plain nbdinfo --list was served"
+        );
         let c = run(30, "qemu-io", &["-f", "raw", "-c", "read 0 4k", &plain]);
         assert!(!c.status.success(), "{prog}: plain qemu-io was served");
         let sock_s = s(&sock).to_string();
@@ -447,13 +493,27 @@ fn verify_peer_requires_a_client_certificate() {
     let img = d.path().join("img.raw");
     make_raw(&img, 4 << 20);
     for prog in [qimg_nbd(), "qemu-nbd"] {
-        for (extra, anon_ok) in [("", false), (",verify-peer=on", false), (",verify-peer=off", true)] {
+        for (extra, anon_ok) in [
+            ("", false),
+            (",verify-peer=on", false),
+            (",verify-peer=off", true),
+        ] {
             let obj = pki.object(extra);
             let sock = d.path().join("s");
             let srv = Srv::start(
                 prog,
                 &sock,
-                &["-t", "-e", "0", "--object", &obj, "--tls-creds=tls0", "-f", "raw", s(&img)],
+                &[
+                    "-t",
+                    "-e",
+                    "0",
+                    "--object",
+                    &obj,
+                    "--tls-creds=tls0",
+                    "-f",
+                    "raw",
+                    s(&img),
+                ],
             );
             let anon = run(30, "nbdinfo", &["--size", &nbds_unix(&sock, &pki.anon)]);
             assert_eq!(anon.status.success(), anon_ok, "{prog}{extra}: {anon:?}");
@@ -567,18 +627,51 @@ fn tls_option_errors_match_qemu_nbd() {
     let badca = partial("badca", "ca-cert.pem");
     std::fs::write(Path::new(&badca).join("ca-cert.pem"), "garbage\n").unwrap();
 
-    let x509 = |dir: &str, extra: &str| format!("tls-creds-x509,id=tls0,endpoint=server,dir={dir}{extra}");
+    let x509 =
+        |dir: &str, extra: &str| format!("tls-creds-x509,id=tls0,endpoint=server,dir={dir}{extra}");
     let cases: Vec<Vec<String>> = vec![
         vec!["--tls-creds=tls0".into()],
         vec!["--object".into(), x509(&sv, ""), "--tls-creds=tls1".into()],
-        vec!["--object".into(), x509("/nonexistent", ""), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(s(&empty), ""), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(&noca, ""), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(&noca, ",verify-peer=off"), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(&nocert, ""), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(&nokey, ""), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(&mismatch, ""), "--tls-creds=tls0".into()],
-        vec!["--object".into(), x509(&badca, ""), "--tls-creds=tls0".into()],
+        vec![
+            "--object".into(),
+            x509("/nonexistent", ""),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(s(&empty), ""),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(&noca, ""),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(&noca, ",verify-peer=off"),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(&nocert, ""),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(&nokey, ""),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(&mismatch, ""),
+            "--tls-creds=tls0".into(),
+        ],
+        vec![
+            "--object".into(),
+            x509(&badca, ""),
+            "--tls-creds=tls0".into(),
+        ],
         vec![
             "--object".into(),
             format!("tls-creds-x509,id=tls0,endpoint=client,dir={sv}"),
@@ -586,10 +679,24 @@ fn tls_option_errors_match_qemu_nbd() {
         ],
         vec!["--object".into(), x509(&sv, ",verify-peer=maybe")],
         vec!["--object".into(), x509(&sv, ",bogus=1")],
-        vec!["--object".into(), format!("tls-creds-x509,endpoint=server,dir={sv}")],
-        vec!["--object".into(), "tls-creds-x509,id=tls0,endpoint=server".into()],
-        vec!["--object".into(), format!("tls-creds-x509,id=tls0,endpoint=bogus,dir={sv}")],
-        vec!["--object".into(), x509(&sv, ""), "--object".into(), x509(&sv, "")],
+        vec![
+            "--object".into(),
+            format!("tls-creds-x509,endpoint=server,dir={sv}"),
+        ],
+        vec![
+            "--object".into(),
+            "tls-creds-x509,id=tls0,endpoint=server".into(),
+        ],
+        vec![
+            "--object".into(),
+            format!("tls-creds-x509,id=tls0,endpoint=bogus,dir={sv}"),
+        ],
+        vec![
+            "--object".into(),
+            x509(&sv, ""),
+            "--object".into(),
+            x509(&sv, ""),
+        ],
         vec!["--object".into(), "foo,id=x".into()],
         vec!["--object".into(), "authz-simple,id=a0".into()],
         vec![
@@ -635,7 +742,11 @@ fn tls_option_errors_match_qemu_nbd() {
     let pobj = format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", s(&psk));
     for args in [
         vec!["--object", &pobj, "--tls-creds=tls0"],
-        vec!["--object", &x509(&sv, ",priority=NORMAL"), "--tls-creds=tls0"],
+        vec![
+            "--object",
+            &x509(&sv, ",priority=NORMAL"),
+            "--tls-creds=tls0",
+        ],
     ] {
         let mut args = args.clone();
         args.extend(["-f", "raw", s(&img)]);
@@ -687,7 +798,12 @@ impl Raw {
             match self.0.read(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return false
                 }
                 Err(_) => return true,
@@ -717,7 +833,17 @@ fn options_before_tls_answer_like_qemu_nbd() {
         let srv = Srv::start(
             prog,
             &sock,
-            &["-t", "-e", "0", "--object", &obj, "--tls-creds=tls0", "-f", "raw", s(&img)],
+            &[
+                "-t",
+                "-e",
+                "0",
+                "--object",
+                &obj,
+                "--tls-creds=tls0",
+                "-f",
+                "raw",
+                s(&img),
+            ],
         );
         let mut log = Vec::new();
         let mut r = Raw::hello(&sock);
