@@ -255,11 +255,11 @@ impl TlsConfig {
         }
         // Ciphertext that arrived with the last handshake flight stays inside rustls
         // (read_tls buffers it), so nothing read so far is lost.
-        let mut rest = Vec::new();
-        rest.extend_from_slice(early);
+        let rest = early.to_vec();
         Ok(TlsStream {
             sock: Box::new(sock),
             conn: Arc::new(Mutex::new(conn)),
+            rend: rest.len(),
             rbuf: rest,
             rpos: 0,
             wbuf: Vec::new(),
@@ -275,9 +275,10 @@ pub struct TlsStream {
     /// The plain socket underneath (never itself a TLS stream).
     sock: Box<Stream>,
     conn: Arc<Mutex<ServerConnection>>,
-    /// Ciphertext read from the socket and not yet handed to rustls (`rbuf[rpos..]`).
+    /// Ciphertext read from the socket and not yet handed to rustls (`rbuf[rpos..rend]`).
     rbuf: Vec<u8>,
     rpos: usize,
+    rend: usize,
     /// Records encrypted under the lock, written to the socket after it is released.
     wbuf: Vec<u8>,
 }
@@ -300,6 +301,7 @@ impl TlsStream {
             conn: self.conn.clone(),
             rbuf: Vec::new(),
             rpos: 0,
+            rend: 0,
             wbuf: Vec::new(),
         })
     }
@@ -340,10 +342,10 @@ impl Read for TlsStream {
                         Err(e) => return Err(e),
                     }
                     // No plaintext: decrypt what we have, without touching the socket.
-                    if self.rpos >= self.rbuf.len() {
+                    if self.rpos >= self.rend {
                         break;
                     }
-                    let n = c.read_tls(&mut &self.rbuf[self.rpos..])?;
+                    let n = c.read_tls(&mut &self.rbuf[self.rpos..self.rend])?;
                     if n == 0 {
                         // rustls took nothing although its plaintext buffer is empty: the
                         // peer is not speaking TLS records we can make progress on.
@@ -357,16 +359,13 @@ impl Read for TlsStream {
                 }
             }
             // Wait for more ciphertext with the lock released, so writers can go on.
-            self.rbuf.resize(READ_CHUNK, 0);
+            if self.rbuf.len() < READ_CHUNK {
+                self.rbuf.resize(READ_CHUNK, 0);
+            }
             self.rpos = 0;
-            let n = match self.sock.read(&mut self.rbuf) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.rbuf.clear();
-                    return Err(e);
-                }
-            };
-            self.rbuf.truncate(n);
+            self.rend = 0;
+            let n = self.sock.read(&mut self.rbuf)?;
+            self.rend = n;
             if n == 0 {
                 // The socket closed without close_notify; NBD frames its own messages, so
                 // a truncated stream is caught there and this is just end of input.
