@@ -977,3 +977,93 @@ fn starttls_without_tls_configured_is_refused() {
     assert_eq!(results[0], results[1]);
     assert!(results[0].contains("2147483650"), "{}", results[0]);
 }
+
+/// The library: a `TlsConfig` from a credential directory (with an authz identity) in the
+/// `ServerConfig` of an embedded server on a TCP listener the caller owns.
+#[test]
+fn embedded_server_with_tls_config() {
+    if !have_all() {
+        return;
+    }
+    use qimg::open::{open_image, OpenOptions};
+    use qimg_nbd::{Export, Server, ServerConfig, TlsConfig};
+    let d = tmp();
+    let pki = Pki::new(d.path());
+    let img = d.path().join("img.raw");
+    make_raw(&img, 2 << 20);
+    let image = open_image(
+        &img,
+        &OpenOptions {
+            format: Some("raw".into()),
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(TlsConfig::from_dir(&d.path().join("nowhere"), true)
+        .unwrap_err()
+        .to_string()
+        .starts_with("Unable to access credentials"));
+    let tls = TlsConfig::from_dir(&pki.server, true)
+        .unwrap()
+        .with_authz("C=GB,O=qimg test,CN=client");
+    let config = ServerConfig {
+        max_connections: 0,
+        tls: Some(tls),
+        ..ServerConfig::default()
+    };
+    let server = Server::new(vec![Export::new("disk", image)], config).unwrap();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let s1 = server.clone();
+    let t = std::thread::spawn(move || s1.serve(tcp.into()));
+    let list = ok(
+        30,
+        "nbdinfo",
+        &[
+            "--list",
+            &format!(
+                "nbds://127.0.0.1:{port}/?tls-certificates={}",
+                s(&pki.client)
+            ),
+        ],
+    );
+    assert!(list.contains("export=\"disk\""), "{list}");
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=disk,tls-creds=tls0"
+    );
+    let cobj = client_object(&pki.client);
+    let w = ok(
+        30,
+        "qemu-io",
+        &[
+            "--object",
+            &cobj,
+            "--image-opts",
+            "-c",
+            "write -P 0x5a 12345 100000",
+            "-c",
+            "read -P 0x5a 12345 100000",
+            &opts,
+        ],
+    );
+    assert!(!w.contains("failed"), "{w}");
+    let plain = run(
+        30,
+        "nbdinfo",
+        &["--list", &format!("nbd://127.0.0.1:{port}")],
+    );
+    assert!(!plain.status.success());
+    let t0 = Instant::now();
+    server.shutdown_handle().shutdown();
+    t.join().unwrap().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Dropping the server closes the image (and its lock).
+    drop(server);
+    let direct = ok(
+        30,
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x5a 12345 100000", s(&img)],
+    );
+    assert!(!direct.contains("failed"), "{direct}");
+}
