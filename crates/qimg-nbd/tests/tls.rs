@@ -77,6 +77,7 @@ fn make_cert(ca: &Path, out: &Path, name: &str, subj: &str, ext: &str) {
     std::fs::write(&extf, ext).unwrap();
     openssl(&[
         "req",
+        "-utf8",
         "-newkey",
         "ec",
         "-pkeyopt",
@@ -589,6 +590,95 @@ fn authz_simple_matches_qemu_nbd() {
             }
         }
     }
+}
+
+/// The distinguished name of an awkward client certificate (escaped characters, a
+/// multi-valued RDN, UTF-8, attribute types with long names) is printed in the denial
+/// message exactly as qemu-nbd prints it, and that text, as identity, lets the client in.
+#[test]
+fn authz_distinguished_names_are_formatted_like_qemu() {
+    if !have_all() {
+        return;
+    }
+    let d = tmp();
+    let pki = Pki::new(d.path());
+    let odd = d.path().join("odd");
+    make_cert(
+        &d.path().join("ca"),
+        &odd,
+        "client",
+        "/C=GB/O=Acme\\+x;y<z>\"q\"/CN=a+OU=b/L= sp#/ST=Z\u{fc}rich/emailAddress=a@b.c\
+         /DC=example/UID=u1/serialNumber=42/title=t",
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    );
+    let img = d.path().join("img.raw");
+    make_raw(&img, 1 << 20);
+    let obj = pki.object("");
+    let mut denied = Vec::new();
+    for prog in [qimg_nbd(), "qemu-nbd"] {
+        let sock = d.path().join("s");
+        let mut srv = Srv::start(
+            prog,
+            &sock,
+            &[
+                "-t",
+                "--object",
+                &obj,
+                "--object",
+                "authz-simple,id=auth0,identity=nobody",
+                "--tls-creds=tls0",
+                "--tls-authz=auth0",
+                "-f",
+                "raw",
+                s(&img),
+            ],
+        );
+        let o = run(30, "nbdinfo", &["--size", &nbds_unix(&sock, &odd)]);
+        assert!(!o.status.success());
+        srv.signal(libc::SIGTERM);
+        assert!(srv.wait_exit(10).is_some(), "{prog} did not stop");
+        let mut err = String::new();
+        srv.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let line = err
+            .lines()
+            .find(|l| l.contains("authz check for"))
+            .unwrap_or_else(|| panic!("{prog}: {err}"))
+            .to_string();
+        denied.push(line.split_once(": ").unwrap().1.to_string());
+    }
+    assert_eq!(denied[0], denied[1]);
+    // The DN as printed, written as a QemuOpts value (commas doubled), is let in.
+    let dn = denied[0]
+        .strip_prefix("option negotiation failed: TLS x509 authz check for ")
+        .and_then(|r| r.strip_suffix(" is denied"))
+        .unwrap()
+        .to_string();
+    assert!(dn.starts_with("C=GB,O=Acme\\+x\\;y"), "{dn}");
+    let authz = format!("authz-simple,id=auth0,identity={}", dn.replace(',', ",,"));
+    let sock = d.path().join("s");
+    let srv = Srv::start(
+        qimg_nbd(),
+        &sock,
+        &[
+            "-t",
+            "--object",
+            &obj,
+            "--object",
+            &authz,
+            "--tls-creds=tls0",
+            "--tls-authz=auth0",
+            "-f",
+            "raw",
+            s(&img),
+        ],
+    );
+    ok(30, "nbdinfo", &["--size", &nbds_unix(&sock, &odd)]);
+    drop(srv);
 }
 
 /// Command-line errors around TLS: the same message and exit status as qemu-nbd.
