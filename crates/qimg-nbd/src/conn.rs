@@ -49,6 +49,7 @@ pub(crate) fn run(inner: &Inner, stream: Stream) {
         }
     };
     // Transmission has no deadline: clear what the handshake set.
+    r.get_mut().set_read_deadline(None);
     let _ = ctl.set_read_timeout(None);
     let _ = ctl.set_write_timeout(None);
     let c = Conn {

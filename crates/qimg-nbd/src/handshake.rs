@@ -5,6 +5,10 @@
 //! whatever an option carries beyond what we understand is skipped through a fixed buffer
 //! so the stream stays in step. The handshake as a whole runs against a deadline
 //! (`--handshake-limit`): every socket read and write gets the time that is left.
+//!
+//! With TLS configured, only `NBD_OPT_STARTTLS` is served until the TLS handshake is done
+//! (other options get `NBD_REP_ERR_TLS_REQD`, as qemu-nbd answers); the handshake then
+//! swaps the plain streams for TLS ones and negotiation carries on over them.
 
 use crate::meta::MetaContext;
 use crate::proto::{self, client_flags, info, opt, rep, Mode, OptionHeader, MAX_PAYLOAD};
@@ -385,8 +389,9 @@ fn start_tls(io: &mut Io<'_>, inner: &Inner) -> Result<(), End> {
     let early = io.r.buffer().to_vec();
     let sock = io.w.try_clone()?;
     let stream = tls.accept(sock, &early, io.deadline).map_err(End::Fail)?;
-    let reader = stream.try_clone()?;
-    *io.r = BufReader::with_capacity(io.r.capacity(), Stream::Tls(reader));
+    let mut reader = Stream::Tls(stream.try_clone()?);
+    reader.set_read_deadline(io.deadline);
+    *io.r = BufReader::with_capacity(io.r.capacity(), reader);
     *io.w = Stream::Tls(stream);
     Ok(())
 }

@@ -70,6 +70,15 @@ impl Stream {
         }
     }
 
+    /// Bounds every socket read of a TLS stream by `deadline` (one read of decrypted data
+    /// may take several socket reads). A plain stream's reads are single socket reads,
+    /// bounded by the read timeout its user sets, so there is nothing to do for it.
+    pub(crate) fn set_read_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        if let Stream::Tls(s) = self {
+            s.set_read_deadline(deadline);
+        }
+    }
+
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))

@@ -263,6 +263,7 @@ impl TlsConfig {
             rbuf: rest,
             rpos: 0,
             wbuf: Vec::new(),
+            deadline: None,
         })
     }
 }
@@ -281,6 +282,9 @@ pub struct TlsStream {
     rend: usize,
     /// Records encrypted under the lock, written to the socket after it is released.
     wbuf: Vec<u8>,
+    /// During the handshake phase: every socket read gets the time left until then, so a
+    /// client trickling a record byte by byte cannot stretch the deadline.
+    deadline: Option<Instant>,
 }
 
 fn lock(m: &Mutex<ServerConnection>) -> MutexGuard<'_, ServerConnection> {
@@ -303,7 +307,14 @@ impl TlsStream {
             rpos: 0,
             rend: 0,
             wbuf: Vec::new(),
+            deadline: None,
         })
+    }
+
+    /// Bounds each socket read by `deadline` (`None`: reads wait as the socket's own
+    /// timeout says).
+    pub(crate) fn set_read_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     /// The plain socket underneath (timeouts and shutdown act on it).
@@ -364,6 +375,13 @@ impl Read for TlsStream {
             }
             self.rpos = 0;
             self.rend = 0;
+            if let Some(d) = self.deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                self.sock.set_read_timeout(Some(left))?;
+            }
             let n = self.sock.read(&mut self.rbuf)?;
             self.rend = n;
             if n == 0 {
