@@ -435,10 +435,11 @@ fn split_qemu_opts(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A QEMU boolean property: QEMU also takes yes/true/y and no/false/n (case matters).
 fn parse_on_off(key: &str, v: &str) -> Result<bool, Fail> {
     match v {
-        "on" => Ok(true),
-        "off" => Ok(false),
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
         _ => Err(fail(format!("Parameter '{key}' expects 'on' or 'off'"))),
     }
 }
@@ -926,6 +927,9 @@ mod tests {
 
     #[test]
     fn qemu_opts_syntax() {
+        assert!(parse_on_off("k", "y").is_ok_and(|b| b));
+        assert!(parse_on_off("k", "false").is_ok_and(|b| !b));
+        assert!(parse_on_off("k", "ON").is_err());
         let kv = |v: &[(&str, &str)]| -> Vec<(String, String)> {
             v.iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
