@@ -248,6 +248,7 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
     let mut device_opt = false;
     let mut objects: Vec<Object> = Vec::new();
     let (mut tls_creds, mut tls_authz, mut tls_hostname) = (None, None, None);
+    let mut connect = false;
     for (c, v) in opts {
         match c {
             'h' => o.help = true,
@@ -268,11 +269,8 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             }
             'A' => o.allocation_depth = true,
             'B' => o.bitmaps.push(v),
-            'c' => {
-                return Err(fail(
-                    "the kernel NBD client (-c/--connect) is not supported",
-                ))
-            }
+            // Refused after the loop, where qemu-nbd's TLS check comes first.
+            'c' => connect = true,
             'd' => {
                 return Err(fail(
                     "the kernel NBD client (-d/--disconnect) is not supported",
@@ -359,6 +357,13 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
     }
     if o.help || o.version {
         return Ok(o);
+    }
+    if connect {
+        return Err(fail(if tls_creds.is_some() {
+            "TLS is not supported with a host device"
+        } else {
+            "the kernel NBD client (-c/--connect) is not supported"
+        }));
     }
     o.tls = tls_config(&objects, tls_creds, tls_authz, tls_hostname.is_some())?;
     if list {

@@ -801,6 +801,13 @@ fn tls_option_errors_match_qemu_nbd() {
             "--tls-creds=tls0".into(),
             "--tls-hostname=foo".into(),
         ],
+        vec![
+            "--object".into(),
+            x509(&sv, ""),
+            "--tls-creds=tls0".into(),
+            "-c".into(),
+            "/dev/nbd0".into(),
+        ],
     ];
     for case in &cases {
         let mut args: Vec<&str> = case.iter().map(String::as_str).collect();
