@@ -9,7 +9,8 @@
 # ratio qimg-nbd / qemu-nbd (higher is better for qimg-nbd).
 #
 # Env: SIZE (default 512M), RUNTIME seconds per fio test (default 8), KEEP=1 keeps the
-# work directory, QIMG_NBD=path skips the cargo build.
+# work directory, QIMG_NBD=path skips the cargo build, TLS=1 runs everything over TLS
+# (certificates made with openssl; both servers with --tls-creds, clients with nbds://).
 set -euo pipefail
 
 SIZE=${SIZE:-512M}
@@ -39,10 +40,36 @@ head -c "$SIZE" /dev/urandom > "$work/img.raw"
 qemu-img convert -f raw -O qcow2 "$work/img.raw" "$work/img.qcow2"
 sock="$work/sock"
 uri="nbd+unix:///?socket=$sock"
+tls_args=()
+fio_uri=$uri
+if [[ "${TLS:-}" == 1 ]]; then
+    command -v openssl >/dev/null || { echo "bench: openssl is not installed" >&2; exit 1; }
+    pki="$work/pki"
+    mkdir -p "$pki/server" "$pki/client"
+    ossl() { openssl "$@" 2>/dev/null; }
+    ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    ossl req -x509 "${ec[@]}" -keyout "$pki/ca-key.pem" -out "$pki/ca-cert.pem" -days 2 \
+        -subj "/CN=bench CA" -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign"
+    for who in server client; do
+        ossl req "${ec[@]}" -keyout "$pki/$who/$who-key.pem" -out "$pki/$who.csr" -subj "/CN=$who"
+        printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=%sAuth\n' "$who" >"$pki/$who.ext"
+        ossl x509 -req -in "$pki/$who.csr" -CA "$pki/ca-cert.pem" -CAkey "$pki/ca-key.pem" \
+            -CAcreateserial -out "$pki/$who/$who-cert.pem" -days 2 -extfile "$pki/$who.ext"
+        cp "$pki/ca-cert.pem" "$pki/$who/"
+    done
+    tls_args=(--object "tls-creds-x509,id=tls0,endpoint=server,dir=$pki/server" --tls-creds=tls0)
+    uri="nbds+unix:///?socket=$sock&tls-certificates=$pki/client"
+    # fio's NBD engine refuses URIs naming local files (tls-certificates), so it cannot
+    # present a certificate or check the server's: the servers do not ask for client
+    # certificates and fio skips verification. The encryption work is the same.
+    tls_args[1]+=",verify-peer=off"
+    fio_uri="nbds+unix:///?socket=$sock&tls-verify-peer=false"
+fi
 
 start() { # prog fmt image
     rm -f "$sock"
-    "$1" -t -e 4 -f "$2" -k "$sock" "$3" 2>>"$work/server.log" &
+    "$1" -t -e 4 "${tls_args[@]}" -f "$2" -k "$sock" "$3" 2>>"$work/server.log" &
     srv_pid=$!
     for _ in $(seq 200); do [[ -S "$sock" ]] && return 0; sleep 0.05; done
     echo "bench: $1 did not start" >&2; exit 1
@@ -67,7 +94,7 @@ copy_mibs() {
 }
 
 fio_iops() { # rw jobs
-    timeout $((RUNTIME + 60)) fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs=4k \
+    timeout $((RUNTIME + 60)) fio --name=b --ioengine=nbd --uri="$fio_uri" --rw="$1" --bs=4k \
         --iodepth=16 --numjobs="$2" --group_reporting --runtime="$RUNTIME" --time_based \
         --size="$SIZE" --output-format=json 2>/dev/null |
         python3 -c '
@@ -106,4 +133,4 @@ for k in "copy raw MiB/s" "randread 1 conn" "randread 4 conn" "randwrite 1 conn"
     printf '%-24s %12s %12s %8s\n' "$k" "$a" "$b" \
         "$(python3 -c "print(f'{$a/$b:.2f}' if $b else '-')")"
 done
-echo "(fio: 4k, iodepth 16, ${RUNTIME}s each; IOPS. image $SIZE; $(nproc) CPUs)"
+echo "(fio: 4k, iodepth 16, ${RUNTIME}s each; IOPS. image $SIZE; $(nproc) CPUs${TLS:+; over TLS})"

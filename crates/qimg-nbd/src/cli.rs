@@ -11,6 +11,7 @@
 use crate::proto::MAX_STRING;
 use crate::server::{CacheMode, DetectZeroes, Discard, Export, Server, ServerConfig};
 use crate::stream::Listener;
+use crate::tls::TlsConfig;
 use qimg::open::{open_image, OpenOptions};
 use qimg::Image;
 use std::net::{TcpListener, ToSocketAddrs};
@@ -221,6 +222,7 @@ struct Opts {
     help: bool,
     version: bool,
     image: String,
+    tls: Option<TlsConfig>,
 }
 
 /// A failure with qemu-nbd's wording; `usage` adds the "Try --help" hint.
@@ -244,6 +246,9 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
     };
     let mut list = false;
     let mut device_opt = false;
+    let mut objects: Vec<Object> = Vec::new();
+    let (mut tls_creds, mut tls_authz, mut tls_hostname) = (None, None, None);
+    let mut connect = false;
     for (c, v) in opts {
         match c {
             'h' => o.help = true,
@@ -264,11 +269,8 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             }
             'A' => o.allocation_depth = true,
             'B' => o.bitmaps.push(v),
-            'c' => {
-                return Err(fail(
-                    "the kernel NBD client (-c/--connect) is not supported",
-                ))
-            }
+            // Refused after the loop, where qemu-nbd's TLS check comes first.
+            'c' => connect = true,
             'd' => {
                 return Err(fail(
                     "the kernel NBD client (-d/--disconnect) is not supported",
@@ -338,8 +340,10 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
                 o.description = Some(v);
             }
             'v' | 'T' => {}
-            '\u{5}' => return Err(fail("--object is not supported")),
-            '\u{6}' | '\u{7}' | '\u{8}' => return Err(fail("TLS is not supported")),
+            '\u{5}' => add_object(&mut objects, &v)?,
+            '\u{6}' => tls_creds = Some(v),
+            '\u{7}' => tls_authz = Some(v),
+            '\u{8}' => tls_hostname = Some(v),
             '\u{9}' => return Err(fail("--image-opts is not supported")),
             '\u{a}' => o.fork = true,
             '\u{b}' => o.pid_file = Some(v),
@@ -354,6 +358,14 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
     if o.help || o.version {
         return Ok(o);
     }
+    if connect {
+        return Err(fail(if tls_creds.is_some() {
+            "TLS is not supported with a host device"
+        } else {
+            "the kernel NBD client (-c/--connect) is not supported"
+        }));
+    }
+    o.tls = tls_config(&objects, tls_creds, tls_authz, tls_hostname.is_some())?;
     if list {
         if device_opt || !o.export_name.is_empty() || !pos.is_empty() {
             return Err(fail("List mode is incompatible with per-device settings"));
@@ -373,6 +385,222 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
     }
     o.image = pos.into_iter().next().unwrap_or_default();
     Ok(o)
+}
+
+/// An `--object` the server can use.
+#[derive(Debug)]
+enum Object {
+    /// `tls-creds-x509`: credentials, loaded when the object is created (as QEMU does),
+    /// or `None` for a client endpoint, which a server cannot use.
+    X509 {
+        id: String,
+        creds: Option<TlsConfig>,
+    },
+    /// `authz-simple`: the one client identity allowed in.
+    AuthzSimple { id: String, identity: String },
+}
+
+impl Object {
+    fn id(&self) -> &str {
+        match self {
+            Object::X509 { id, .. } | Object::AuthzSimple { id, .. } => id,
+        }
+    }
+}
+
+/// Splits QEMU's `key=value,...` syntax, where `,,` stands for a literal comma. A first
+/// item without `=` is the object type.
+fn split_qemu_opts(s: &str) -> Vec<(String, String)> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items
+        .into_iter()
+        .enumerate()
+        .filter(|(_, it)| !it.is_empty())
+        .map(|(i, it)| match it.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None if i == 0 => ("qom-type".to_string(), it),
+            // QemuOpts reads a bare key as "key=on".
+            None => (it, "on".to_string()),
+        })
+        .collect()
+}
+
+/// A QEMU boolean property: QEMU also takes yes/true/y and no/false/n (case matters).
+fn parse_on_off(key: &str, v: &str) -> Result<bool, Fail> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(fail(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+/// Creates one `--object`, with qemu-nbd's messages for what it would refuse, and ours
+/// for what QEMU accepts but this server cannot do.
+fn add_object(objects: &mut Vec<Object>, spec: &str) -> Result<(), Fail> {
+    let props = split_qemu_opts(spec);
+    let get = |k: &str| props.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v);
+    let typ = get("qom-type")
+        .cloned()
+        .ok_or_else(|| fail("Parameter 'qom-type' is missing"))?;
+    let allowed: &[&str] = match typ.as_str() {
+        "tls-creds-x509" => &[
+            "qom-type",
+            "id",
+            "endpoint",
+            "dir",
+            "verify-peer",
+            "priority",
+            "sanity-check",
+            "loaded",
+            "passwordid",
+        ],
+        "authz-simple" => &["qom-type", "id", "identity"],
+        "tls-creds-psk" => {
+            return Err(fail(
+                "--object tls-creds-psk is not supported: the TLS library (rustls) has no \
+                 TLS-PSK; use tls-creds-x509",
+            ))
+        }
+        "tls-creds-anon" => {
+            return Err(fail(
+                "--object tls-creds-anon is not supported: the TLS library (rustls) has no \
+                 anonymous TLS; use tls-creds-x509",
+            ))
+        }
+        "secret" | "secret_keyring" | "authz-list" | "authz-listfile" | "authz-pam"
+        | "tls-cipher-suites" | "throttle-group" | "iothread" => {
+            return Err(fail(format!("--object {typ} is not supported")))
+        }
+        _ => {
+            return Err(fail(format!(
+                "Parameter 'qom-type' does not accept value '{typ}'"
+            )))
+        }
+    };
+    if let Some((k, _)) = props.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(fail(format!("Parameter '{k}' is unexpected")));
+    }
+    let id = get("id")
+        .cloned()
+        .ok_or_else(|| fail("Parameter 'id' is missing"))?;
+    if objects.iter().any(|o| o.id() == id) {
+        return Err(fail(format!(
+            "attempt to add duplicate property '{id}' to object (type 'container')"
+        )));
+    }
+    let obj = match typ.as_str() {
+        "authz-simple" => Object::AuthzSimple {
+            identity: get("identity")
+                .cloned()
+                .ok_or_else(|| fail("Parameter 'identity' is missing"))?,
+            id,
+        },
+        _ => {
+            let server = match get("endpoint").map(String::as_str) {
+                None | Some("client") => false,
+                Some("server") => true,
+                Some(e) => {
+                    return Err(fail(format!(
+                        "Parameter 'endpoint' does not accept value '{e}'"
+                    )))
+                }
+            };
+            let verify_peer = match get("verify-peer") {
+                Some(v) => parse_on_off("verify-peer", v)?,
+                None => true,
+            };
+            for k in ["sanity-check", "loaded"] {
+                if let Some(v) = get(k) {
+                    parse_on_off(k, v)?;
+                }
+            }
+            // A GnuTLS priority string or an encrypted key have no rustls equivalent;
+            // ignoring them would silently weaken or change the set-up.
+            for k in ["priority", "passwordid"] {
+                if get(k).is_some() {
+                    return Err(fail(format!(
+                        "tls-creds-x509 property '{k}' is not supported"
+                    )));
+                }
+            }
+            let dir = get("dir").ok_or_else(|| fail("Missing 'dir' property value"))?;
+            let creds = if server {
+                Some(TlsConfig::from_dir(Path::new(dir), verify_peer).map_err(|e| fail(e.0))?)
+            } else {
+                None
+            };
+            Object::X509 { id, creds }
+        }
+    };
+    objects.push(obj);
+    Ok(())
+}
+
+/// Resolves `--tls-creds`, `--tls-authz` and `--tls-hostname` against the objects.
+fn tls_config(
+    objects: &[Object],
+    creds: Option<String>,
+    authz: Option<String>,
+    hostname: bool,
+) -> Result<Option<TlsConfig>, Fail> {
+    if hostname {
+        // qemu-nbd takes a hostname only to check the server's certificate in list mode
+        // (-L), which is a client feature this server does not have.
+        return Err(fail("TLS hostname is only supported with export list"));
+    }
+    let Some(creds) = creds else {
+        if authz.is_some() {
+            return Err(fail("--tls-authz is not permitted without --tls-creds"));
+        }
+        return Ok(None);
+    };
+    let mut tls = match objects.iter().find(|o| o.id() == creds) {
+        Some(Object::X509 { creds: Some(c), .. }) => c.clone(),
+        Some(Object::X509 { creds: None, .. }) => {
+            return Err(fail(
+                "Failed to get TLS creds: Expected TLS credentials for a server endpoint",
+            ))
+        }
+        Some(_) => {
+            return Err(fail(format!(
+                "Failed to get TLS creds: Object with id '{creds}' is not TLS credentials"
+            )))
+        }
+        None => {
+            return Err(fail(format!(
+                "Failed to get TLS creds: No TLS credentials with id '{creds}'"
+            )))
+        }
+    };
+    if let Some(a) = authz {
+        // qemu-nbd looks the object up per connection and so refuses every client when
+        // the id is wrong; refusing to start says the same thing sooner.
+        match objects.iter().find(|o| o.id() == a) {
+            Some(Object::AuthzSimple { identity, .. }) => tls = tls.with_authz(identity.clone()),
+            Some(_) => {
+                return Err(fail(format!(
+                    "Object with id '{a}' is not an authorization object"
+                )))
+            }
+            None => return Err(fail(format!("Cannot find QAuthZ object ID {a}"))),
+        }
+    }
+    Ok(Some(tls))
 }
 
 fn help(prog: &str) -> String {
@@ -399,6 +627,21 @@ Connection properties:
 Exposing part of the image:
   -A, --allocation-depth    expose the allocation depth
   -B, --bitmap=NAME         expose a persistent dirty bitmap
+
+TLS (clients must negotiate TLS before anything else):
+      --object tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]
+                            TLS credentials: DIR holds ca-cert.pem,
+                            server-cert.pem and server-key.pem; with
+                            verify-peer=on (the default) clients must present a
+                            certificate signed by the CA
+      --object authz-simple,id=ID,identity=DN
+                            allow only the client certificate whose subject is
+                            DN, written in certificate order, e.g.
+                            C=GB,,O=Example,,CN=client (',,' is a comma)
+      --tls-creds=ID        use the tls-creds-x509 object ID
+      --tls-authz=ID        use the authz-simple object ID (as in qemu-nbd, it is
+                            only checked with verify-peer=on)
+      tls-creds-psk, --tls-hostname and the priority property are not supported
 
 General purpose options:
   -T, --trace ...           accepted for compatibility
@@ -655,6 +898,7 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(16),
         log_prefix: Some(prog.to_string()),
+        tls: o.tls.clone(),
     };
     let server = Server::new(vec![export], config).map_err(|e| e.to_string())?;
 
@@ -684,6 +928,47 @@ mod tests {
         let args: Vec<String> = a.iter().map(|s| s.to_string()).collect();
         let (o, p) = getopt(&args).map_err(|u| u.0)?;
         validate(o, p).map_err(|f| f.msg)
+    }
+
+    #[test]
+    fn qemu_opts_syntax() {
+        assert!(parse_on_off("k", "y").is_ok_and(|b| b));
+        assert!(parse_on_off("k", "false").is_ok_and(|b| !b));
+        assert!(parse_on_off("k", "ON").is_err());
+        let kv = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            split_qemu_opts("authz-simple,id=a,identity=C=GB,,O=x,,CN=y"),
+            kv(&[
+                ("qom-type", "authz-simple"),
+                ("id", "a"),
+                ("identity", "C=GB,O=x,CN=y")
+            ])
+        );
+        assert_eq!(
+            split_qemu_opts("qom-type=secret,id=s,,x,flag"),
+            kv(&[("qom-type", "secret"), ("id", "s,x"), ("flag", "on")])
+        );
+        assert!(parse(&[
+            "--object",
+            "authz-simple,id=a,identity=CN=x",
+            "--tls-authz=a",
+            "i"
+        ])
+        .unwrap_err()
+        .contains("not permitted without --tls-creds"));
+        assert!(parse(&[
+            "--object",
+            "authz-simple,id=a,identity=x",
+            "--tls-creds=a",
+            "--tls-authz=a",
+            "i"
+        ])
+        .unwrap_err()
+        .contains("is not TLS credentials"));
     }
 
     #[test]

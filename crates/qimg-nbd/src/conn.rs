@@ -49,6 +49,7 @@ pub(crate) fn run(inner: &Inner, stream: Stream) {
         }
     };
     // Transmission has no deadline: clear what the handshake set.
+    r.get_mut().set_read_deadline(None);
     let _ = ctl.set_read_timeout(None);
     let _ = ctl.set_write_timeout(None);
     let c = Conn {
@@ -67,6 +68,16 @@ pub(crate) fn run(inner: &Inner, stream: Stream) {
         c.workers.fetch_add(1, Ordering::SeqCst);
         worker(s, &c);
     });
+    let mut w = lock(&c.writer);
+    if w.is_tls() && !c.failed.load(Ordering::SeqCst) {
+        // Say goodbye at the TLS level so the client sees a clean end of the session; a
+        // client that stopped reading gets a moment, not a hung server thread.
+        let _ = c
+            .ctl
+            .set_write_timeout(Some(std::time::Duration::from_secs(1)));
+        let _ = w.close_notify();
+    }
+    drop(w);
     let _ = c.ctl.shutdown(Shutdown::Both);
 }
 

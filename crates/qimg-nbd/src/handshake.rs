@@ -5,6 +5,10 @@
 //! whatever an option carries beyond what we understand is skipped through a fixed buffer
 //! so the stream stays in step. The handshake as a whole runs against a deadline
 //! (`--handshake-limit`): every socket read and write gets the time that is left.
+//!
+//! With TLS configured, only `NBD_OPT_STARTTLS` is served until the TLS handshake is done
+//! (other options get `NBD_REP_ERR_TLS_REQD`, as qemu-nbd answers); the handshake then
+//! swaps the plain streams for TLS ones and negotiation carries on over them.
 
 use crate::meta::MetaContext;
 use crate::proto::{self, client_flags, info, opt, rep, Mode, OptionHeader, MAX_PAYLOAD};
@@ -183,6 +187,8 @@ pub(crate) fn negotiate(
         mode: Mode::Simple,
         meta: None,
     };
+    // With TLS configured, nothing but STARTTLS is served until the session is encrypted.
+    let mut tls_pending = inner.config.tls.is_some();
     loop {
         let mut hb = [0u8; OptionHeader::SIZE];
         io.read_exact(&mut hb)?;
@@ -209,7 +215,7 @@ pub(crate) fn negotiate(
             )?;
             return Err(End::Closed);
         }
-        if !fixed && h.option != opt::EXPORT_NAME {
+        if !fixed && (h.option != opt::EXPORT_NAME || tls_pending) {
             return Err(End::Fail(format!(
                 "Unsupported option {} ({})",
                 h.option,
@@ -220,6 +226,44 @@ pub(crate) fn negotiate(
             io: &mut io,
             left: h.length,
         };
+        if tls_pending {
+            // Before TLS only STARTTLS is allowed. EXPORT_NAME cannot be answered with an
+            // error, so it ends the connection; ABORT gets the error and ends it too.
+            match h.option {
+                opt::STARTTLS if h.length != 0 => {
+                    // A client that cannot start TLS correctly is not given another try.
+                    reply_err(
+                        &mut o,
+                        h.option,
+                        rep::ERR_INVALID,
+                        "option 'starttls' has unexpected length",
+                    )?;
+                    return Err(End::Fail("option 'starttls' has unexpected length".into()));
+                }
+                opt::STARTTLS => {
+                    reply(o.io, h.option, rep::ACK, &[])?;
+                    start_tls(&mut io, inner)?;
+                    tls_pending = false;
+                    continue;
+                }
+                opt::EXPORT_NAME => {
+                    return Err(End::Fail(format!(
+                        "Option 0x{:x} not permitted before TLS",
+                        h.option
+                    )));
+                }
+                other => {
+                    let msg = format!("Option 0x{other:x} not permitted before TLS");
+                    // The client may hang up right after ABORT; that is fine.
+                    let sent = reply_err(&mut o, other, rep::ERR_TLS_REQD, &msg);
+                    if other == opt::ABORT {
+                        return Err(End::Closed);
+                    }
+                    sent?;
+                    continue;
+                }
+            }
+        }
         match h.option {
             opt::EXPORT_NAME => {
                 if h.length as usize > MAX_STRING {
@@ -275,7 +319,14 @@ pub(crate) fn negotiate(
                 reply(o.io, h.option, rep::ACK, &[])?;
             }
             opt::STARTTLS => {
-                reply_err(&mut o, h.option, rep::ERR_POLICY, "TLS not configured")?;
+                let (typ, msg) = if h.length != 0 {
+                    (rep::ERR_INVALID, "option 'starttls' has unexpected length")
+                } else if inner.config.tls.is_some() {
+                    (rep::ERR_INVALID, "TLS already enabled")
+                } else {
+                    (rep::ERR_POLICY, "TLS not configured")
+                };
+                reply_err(&mut o, h.option, typ, msg)?;
             }
             opt::INFO | opt::GO => {
                 if let Some(s) = st.info(&mut o, h.option)? {
@@ -322,6 +373,27 @@ pub(crate) fn negotiate(
             }
         }
     }
+}
+
+/// Runs the TLS handshake after the STARTTLS acknowledgement and moves the rest of the
+/// negotiation (and then the transmission phase) onto the encrypted stream.
+fn start_tls(io: &mut Io<'_>, inner: &Inner) -> Result<(), End> {
+    let Some(tls) = &inner.config.tls else {
+        return Err(End::Fail("TLS not configured".into()));
+    };
+    if io.w.is_tls() {
+        return Err(End::Fail("TLS already enabled".into()));
+    }
+    // Bytes the client sent right behind STARTTLS are already in our read buffer: they
+    // are the start of its ClientHello and must reach the TLS layer, not be dropped.
+    let early = io.r.buffer().to_vec();
+    let sock = io.w.try_clone()?;
+    let stream = tls.accept(sock, &early, io.deadline).map_err(End::Fail)?;
+    let mut reader = Stream::Tls(stream.try_clone()?);
+    reader.set_read_deadline(io.deadline);
+    *io.r = BufReader::with_capacity(io.r.capacity(), reader);
+    *io.w = Stream::Tls(stream);
+    Ok(())
 }
 
 impl State<'_> {

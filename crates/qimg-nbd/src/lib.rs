@@ -9,7 +9,9 @@
 //! The wire format lives in [`proto`] (constants, headers, chunk encoders; no I/O), the
 //! block-status sources in [`meta`]. The protocol followed is the NBD specification
 //! (fixed newstyle handshake, structured replies, extended headers, metadata contexts),
-//! answering as QEMU's server does where the specification leaves room.
+//! answering as QEMU's server does where the specification leaves room. With a
+//! [`TlsConfig`] in the [`ServerConfig`], clients must negotiate TLS (`NBD_OPT_STARTTLS`)
+//! before anything else, as with `qemu-nbd --tls-creds`.
 //!
 //! Threads, not an async runtime: each connection has its own thread for the handshake
 //! and a bounded pool of workers in transmission (see `conn`), so one client can only
@@ -24,6 +26,7 @@ pub mod overlay;
 pub mod proto;
 mod server;
 pub mod stream;
+pub mod tls;
 
 pub use meta::MetaContext;
 pub use server::{
@@ -31,3 +34,4 @@ pub use server::{
     ShutdownHandle,
 };
 pub use stream::{Listener, Stream};
+pub use tls::{TlsConfig, TlsError};

@@ -12,6 +12,7 @@ use crate::conn;
 use crate::meta::{AllocationDepth, BaseAllocation, MetaContext, DIRTY_BITMAP_PREFIX};
 use crate::proto::{self, tx_flags, Mode, MAX_STRING};
 use crate::stream::{Listener, Stream};
+use crate::tls::TlsConfig;
 use qimg::Image;
 use std::collections::HashMap;
 use std::io;
@@ -122,6 +123,9 @@ pub struct ServerConfig {
     /// When set, errors that end a connection are printed to stderr with this prefix
     /// (`"qemu-nbd"` style); a library user embedding the server usually leaves it unset.
     pub log_prefix: Option<String>,
+    /// TLS credentials. When set, clients must upgrade with `NBD_OPT_STARTTLS` before any
+    /// other option (`qemu-nbd --tls-creds`); when unset, STARTTLS is refused.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -137,6 +141,7 @@ impl Default for ServerConfig {
             cache: CacheMode::Writeback,
             workers_per_connection: 16,
             log_prefix: None,
+            tls: None,
         }
     }
 }

@@ -1,10 +1,14 @@
-//! TCP and unix-domain sockets behind one type, so the server code is written once.
+//! TCP and unix-domain sockets, plain or under TLS, behind one type, so the server code is
+//! written once. The plain variants call the socket directly (no lock, no copy); only a
+//! TLS stream goes through the session's encryption (see [`crate::tls`]).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
+
+use crate::tls::TlsStream;
 
 /// A connected socket.
 #[derive(Debug)]
@@ -13,6 +17,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix-domain connection.
     Unix(UnixStream),
+    /// A TCP or unix-domain connection after `NBD_OPT_STARTTLS`.
+    Tls(TlsStream),
 }
 
 impl Stream {
@@ -21,6 +27,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
 
@@ -29,6 +36,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.socket().set_read_timeout(t),
         }
     }
 
@@ -37,6 +45,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.socket().set_write_timeout(t),
         }
     }
 
@@ -45,14 +54,41 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => s.socket().shutdown(how),
         }
     }
 
     /// Disables Nagle's algorithm on TCP: replies are written whole, and delaying small
     /// ones only adds latency.
     pub fn set_nodelay(&self) {
-        if let Stream::Tcp(s) = self {
-            let _ = s.set_nodelay(true);
+        match self {
+            Stream::Tcp(s) => {
+                let _ = s.set_nodelay(true);
+            }
+            Stream::Tls(s) => s.socket().set_nodelay(),
+            Stream::Unix(_) => {}
+        }
+    }
+
+    /// Bounds every socket read of a TLS stream by `deadline` (one read of decrypted data
+    /// may take several socket reads). A plain stream's reads are single socket reads,
+    /// bounded by the read timeout its user sets, so there is nothing to do for it.
+    pub(crate) fn set_read_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        if let Stream::Tls(s) = self {
+            s.set_read_deadline(deadline);
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Ends a TLS session cleanly (`close_notify`); nothing to do on a plain socket.
+    pub fn close_notify(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tls(s) => s.close_notify(),
+            _ => Ok(()),
         }
     }
 
@@ -95,6 +131,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -104,6 +141,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -111,6 +149,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
 
