@@ -9,6 +9,7 @@ pub mod buf;
 pub mod error;
 pub mod fault;
 pub mod image;
+pub mod mapped;
 pub mod ondisk;
 pub mod open;
 pub mod ops;

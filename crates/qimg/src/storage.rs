@@ -97,23 +97,27 @@ impl Mapping {
     }
 
     /// Asks the kernel to map the pages of `[offset, offset+len)` now, in one call, rather
-    /// than one fault at a time; best effort.
-    pub fn populate(&self, offset: usize, len: usize) {
+    /// than one fault at a time. False when that failed (I/O error, range past the end of
+    /// the file or of the mapping); kernels without the call count as success.
+    pub fn populate(&self, offset: usize, len: usize) -> bool {
         const MADV_POPULATE_READ: libc::c_int = 22;
         let page = 4096;
         let start = offset & !(page - 1);
-        let end = (offset + len).min(self.len);
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.len) else {
+            return false;
+        };
         if start >= end {
-            return;
+            return true;
         }
-        // SAFETY: advice on a range inside our own mapping; failure is harmless.
-        unsafe {
+        // SAFETY: advice on a range inside our own mapping.
+        let r = unsafe {
             libc::madvise(
                 (self.ptr as *mut u8).add(start) as *mut libc::c_void,
                 end - start,
                 MADV_POPULATE_READ,
-            );
-        }
+            )
+        };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
     }
 }
 

@@ -93,9 +93,8 @@ struct Sources<'a> {
     images: &'a [Arc<dyn Image>],
     starts: Vec<u64>,
     total: u64,
-    /// Per source and backing depth, the file holding that layer's guest data, mapped
-    /// into memory (when asked for, and for raw and qcow2 layers only).
-    maps: Vec<Vec<Option<crate::storage::Mapping>>>,
+    /// Per source, its layers' files mapped into memory (when asked for).
+    maps: Vec<Option<crate::mapped::MappedLayers>>,
 }
 
 impl<'a> Sources<'a> {
@@ -106,11 +105,7 @@ impl<'a> Sources<'a> {
         for i in images {
             starts.push(total);
             total += i.len();
-            maps.push(if map {
-                map_layers(i.as_ref())
-            } else {
-                Vec::new()
-            });
+            maps.push(map.then(|| crate::mapped::MappedLayers::new(i.as_ref())));
         }
         Sources {
             images,
@@ -120,43 +115,13 @@ impl<'a> Sources<'a> {
         }
     }
 
-    /// `[t, t+len)` straight from a mapped file, when it is stored there in one piece:
-    /// a raw source, or one uncompressed data extent of a qcow2 layer.
+    /// `[t, t+len)` straight from a mapped file, when one source stores it in one piece.
     fn borrow(&self, t: u64, len: u64) -> Result<Option<&[u8]>> {
         let (i, off) = self.locate(t);
-        let maps = &self.maps[i];
-        if maps.iter().all(Option::is_none) {
-            return Ok(None);
+        match &self.maps[i] {
+            Some(m) => m.view(self.images[i].as_ref(), off, len),
+            None => Ok(None),
         }
-        let img = self.images[i].as_ref();
-        if off + len > img.len() {
-            return Ok(None);
-        }
-        let (m, host) = if img.format_name() == "raw" {
-            (maps[0].as_ref(), off)
-        } else {
-            let e = chain_status(img, off, len)?;
-            match e.offset {
-                Some(h) if e.len == len && e.present && e.data && !e.zero && !e.compressed => {
-                    (maps.get(e.depth as usize).and_then(Option::as_ref), h)
-                }
-                _ => (None, 0),
-            }
-        };
-        let Some(m) = m else { return Ok(None) };
-        let (Ok(host), Ok(len)) = (usize::try_from(host), usize::try_from(len)) else {
-            return Ok(None);
-        };
-        let Some(bytes) = host
-            .checked_add(len)
-            .and_then(|end| m.bytes().get(host..end))
-        else {
-            return Ok(None);
-        };
-        let off = host;
-        // One call maps the chunk's pages; faulting them one by one costs more.
-        m.populate(off, len);
-        Ok(Some(bytes))
     }
 
     /// The source holding target offset `t`, and the offset within it.
@@ -210,26 +175,6 @@ impl<'a> Sources<'a> {
         }
         Ok(())
     }
-}
-
-/// Maps the file that holds each layer's guest data, top first, stopping at the first layer
-/// that is neither raw nor qcow2 (what lies below it is read the ordinary way).
-fn map_layers(top: &dyn Image) -> Vec<Option<crate::storage::Mapping>> {
-    let mut out = Vec::new();
-    let mut layer = Some(top);
-    while let Some(l) = layer {
-        let any = l.as_any();
-        let file = if let Some(r) = any.downcast_ref::<crate::raw::Raw>() {
-            r.file()
-        } else if let Some(q) = any.downcast_ref::<crate::qcow2::Qcow2>() {
-            q.data_file().unwrap_or(q.file())
-        } else {
-            break;
-        };
-        out.push(file.map_readonly());
-        layer = l.backing().map(|b| b.as_ref());
-    }
-    out
 }
 
 /// Converts `sources` into `target`. The target must be at least as large as the sum of
