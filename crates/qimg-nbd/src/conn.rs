@@ -52,8 +52,12 @@ pub(crate) fn run(inner: &Inner, stream: Stream) {
     r.get_mut().set_read_deadline(None);
     let _ = ctl.set_read_timeout(None);
     let _ = ctl.set_write_timeout(None);
+    // Views are only handed to the kernel (a plain socket's send copies from them); TLS
+    // encrypts in user space, where a file truncated under the server would raise SIGBUS.
+    let views = (!w.is_tls()).then_some(&inner.exports[session.export].views);
     let c = Conn {
         inner,
+        views,
         exp: &inner.exports[session.export],
         session,
         reader: Mutex::new(ReadSide { r, closed: false }),
@@ -88,6 +92,8 @@ struct ReadSide {
 
 struct Conn<'a> {
     inner: &'a Inner,
+    /// Zero-copy views of the export's data, when the connection may use them.
+    views: Option<&'a qimg::mapped::MappedLayers>,
     exp: &'a ExportState,
     session: Session,
     reader: Mutex<ReadSide>,
@@ -458,9 +464,26 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// The export's bytes at `[offset, offset+len)` straight from the mapped file, when
+    /// they are stored there in one piece (see `qimg::mapped`).
+    fn view(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let v = self.views?;
+        v.view(self.exp.export.image.as_ref(), offset, len)
+            .ok()
+            .flatten()
+    }
+
     fn read(&self, req: &Request, len: u64, buf: &mut Vec<u8>) {
         let n = len as usize;
         let mode = self.mode();
+        if mode == Mode::Simple {
+            if let Some(v) = self.view(req.offset, len) {
+                let mut h = Vec::with_capacity(16);
+                proto::encode_simple_reply(&mut h, 0, req.cookie);
+                self.send(&mut [&h, v]);
+                return;
+            }
+        }
         grow(buf, n);
         if mode == Mode::Simple {
             match self.read_export(&mut buf[..n], req.offset) {
@@ -514,10 +537,17 @@ impl Conn<'_> {
             runs.push((len, false));
         }
         // Read every data run before sending anything, so an error becomes a clean error
-        // reply instead of a half-sent one.
+        // reply instead of a half-sent one (views are checked readable when taken).
         let mut pos = 0u64;
+        let mut views: Vec<Option<&[u8]>> = Vec::with_capacity(runs.len());
         for &(l, zero) in &runs {
-            if !zero {
+            let v = if zero {
+                None
+            } else {
+                self.view(req.offset + pos, l)
+            };
+            views.push(v);
+            if !zero && v.is_none() {
                 let s = pos as usize;
                 if let Err(e) = self.read_export(&mut buf[s..s + l as usize], req.offset + pos) {
                     let (en, msg) = img_err(e);
@@ -573,10 +603,10 @@ impl Conn<'_> {
             pos += l;
         }
         let mut slices: Vec<&[u8]> = Vec::with_capacity(spans.len() * 2);
-        for (hs, he, data) in spans {
+        for ((hs, he, data), v) in spans.into_iter().zip(views) {
             slices.push(&headers[hs..he]);
             if let Some((ds, de)) = data {
-                slices.push(&buf[ds..de]);
+                slices.push(v.unwrap_or(&buf[ds..de]));
             }
         }
         self.send(&mut slices);

@@ -156,6 +156,9 @@ pub(crate) struct ExportState {
     /// Every context the export offers, with its id (QEMU's numbering: 0 base, 1 depth,
     /// 2+i bitmaps).
     pub(crate) contexts: Vec<(u32, Arc<dyn MetaContext>)>,
+    /// The image's files mapped read-only, so read replies can go from the page cache to
+    /// the socket with one copy instead of two (empty for images of other kinds).
+    pub(crate) views: qimg::mapped::MappedLayers,
 }
 
 impl ExportState {
@@ -170,10 +173,12 @@ impl ExportState {
         for (i, b) in export.bitmaps.iter().enumerate() {
             contexts.push((2 + i as u32, b.clone()));
         }
+        let views = qimg::mapped::MappedLayers::new(export.image.as_ref());
         ExportState {
             export,
             size,
             contexts,
+            views,
         }
     }
 
