@@ -295,12 +295,23 @@ struct Job<'a> {
 
 /// Gates how far readers may run ahead of the writer, and carries buffers back to them.
 struct Window {
-    /// (chunks fully written, free buffers, written ranges of mapped sources whose pages
-    /// readers should release as (address, length))
-    #[allow(clippy::type_complexity)]
-    state: Mutex<(u64, Vec<crate::buf::AlignedBuf>, Vec<(usize, usize)>)>,
+    state: Mutex<WindowState>,
     cv: std::sync::Condvar,
     size: u64,
+}
+
+#[derive(Default)]
+struct WindowState {
+    /// Chunks fully written.
+    written: u64,
+    /// Buffers free for reuse.
+    free: Vec<crate::buf::AlignedBuf>,
+    /// Written ranges of mapped sources, as (address, length), whose pages readers should
+    /// release.
+    release: Vec<(usize, usize)>,
+    /// Readers waiting for the window to move: the writer only wakes anyone when there
+    /// is someone to wake (a wake-up is a system call per chunk otherwise).
+    waiting: usize,
 }
 
 /// `convert` for plain copies, as a pipeline: reader threads take chunks in order, read
@@ -322,7 +333,7 @@ fn convert_pipelined(
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let window = Window {
-        state: Mutex::new((0, Vec::new(), Vec::new())),
+        state: Mutex::new(WindowState::default()),
         cv: std::sync::Condvar::new(),
         size: (threads as u64).max(2),
     };
@@ -339,13 +350,15 @@ fn convert_pipelined(
                 }
                 let (buf, written) = {
                     let mut st = window.state.lock().unwrap();
-                    while c >= st.0 + window.size && !failed.load(Ordering::Relaxed) {
+                    while c >= st.written + window.size && !failed.load(Ordering::Relaxed) {
+                        st.waiting += 1;
                         st = window.cv.wait(st).unwrap();
+                        st.waiting -= 1;
                     }
                     if failed.load(Ordering::Relaxed) {
                         return;
                     }
-                    (st.1.pop(), std::mem::take(&mut st.2))
+                    (st.free.pop(), std::mem::take(&mut st.release))
                 };
                 // Pages of a mapped source would otherwise stay in the page tables until
                 // the end, counting the whole source as resident memory.
@@ -360,7 +373,7 @@ fn convert_pipelined(
                 if let Some(b) = buf {
                     // Not needed for this chunk: back to the pool, since a fresh 2 MiB
                     // buffer costs page faults and zeroing on every use.
-                    window.state.lock().unwrap().1.push(b);
+                    window.state.lock().unwrap().free.push(b);
                 }
                 if tx.send((c, job)).is_err() {
                     return;
@@ -414,14 +427,17 @@ fn write_jobs(
         write_job(target, opts, &job)?;
         done += CHUNK.min(total - job.start);
         let mut st = window.state.lock().unwrap();
-        st.0 = want + 1;
+        st.written = want + 1;
         match job.bytes {
-            Bytes::Owned(b, _) => st.1.push(b),
-            Bytes::Borrowed(b) => st.2.push((b.as_ptr() as usize, b.len())),
+            Bytes::Owned(b, _) => st.free.push(b),
+            Bytes::Borrowed(b) => st.release.push((b.as_ptr() as usize, b.len())),
             Bytes::Zero => {}
         }
+        let wake = st.waiting > 0;
         drop(st);
-        window.cv.notify_all();
+        if wake {
+            window.cv.notify_all();
+        }
         want += 1;
         if let Some(p) = opts.progress {
             p(done.min(total), total);
