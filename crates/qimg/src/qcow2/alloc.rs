@@ -305,6 +305,10 @@ impl Refcounts {
     /// Allocates `n` contiguous free clusters (refcount 1 each); returns the first.
     pub(crate) fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let mut start = self.free_hint;
+        // The scan covers every cluster from the hint on, in order; remembering the first
+        // free one lets the next allocation skip the used ones (otherwise a run that does
+        // not fit in an early gap makes every later allocation rescan the whole image).
+        let mut first_free = None;
         'scan: loop {
             if (start + n) << self.cluster_bits > super::super::ondisk::MAX_HOST_OFFSET {
                 return Err(Error::InvalidArgument("Image file is full".into()));
@@ -323,15 +327,17 @@ impl Refcounts {
                     start = c + 1;
                     continue 'scan;
                 }
+                first_free.get_or_insert(c);
             }
             break;
         }
         for k in 0..n {
             self.set(file, start + k, 1)?;
         }
-        if start == self.free_hint {
-            self.free_hint = start + n;
-        }
+        self.free_hint = match first_free {
+            Some(f) if f != start => f,
+            _ => start + n,
+        };
         Ok(start << self.cluster_bits)
     }
 
