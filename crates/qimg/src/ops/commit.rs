@@ -40,6 +40,9 @@ impl std::fmt::Debug for CommitOptions<'_> {
 /// Largest piece one worker copies at a time.
 const CHUNK: u64 = 2 << 20;
 
+/// Bytes copied between two write-back hints to the base.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
 /// The layer `depth` levels below `top` (0 = `top` itself).
 pub fn layer_at(top: &dyn Image, depth: usize) -> Option<&dyn Image> {
     let mut l = top;
@@ -147,6 +150,12 @@ pub fn commit(top: &dyn Image, depth: usize, opts: &CommitOptions) -> Result<u64
     let done = AtomicU64::new(0);
     let on_done = |len: u64| {
         let d = done.fetch_add(len, Ordering::Relaxed) + len;
+        // Start the write-back of what was copied so far: the final flush then waits for
+        // the tail only instead of the whole copy (the page cache would otherwise hold
+        // everything until it).
+        if d / WRITEBACK_STEP != (d - len) / WRITEBACK_STEP {
+            base.start_writeback();
+        }
         if let Some(p) = opts.progress {
             p(d, total);
         }

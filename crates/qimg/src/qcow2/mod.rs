@@ -875,6 +875,12 @@ impl Image for Qcow2 {
         self.flush_metadata(false)
     }
 
+    fn start_writeback(&self) {
+        if let Ok(d) = self.data_storage() {
+            d.start_writeback();
+        }
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let (mut n, m) = self.map_run(offset, len)?;
         let status = match m {
