@@ -289,6 +289,7 @@ impl Qcow2 {
                 )?,
                 l1_dirty: false,
                 in_flight: Default::default(),
+                waiters: 0,
                 marked_dirty: false,
                 lazy: h.compatible_features & header::compat::LAZY_REFCOUNTS != 0,
                 l2_clusters: l1

@@ -43,6 +43,10 @@ pub(crate) struct WriteState {
     pub(crate) refs: Refcounts,
     pub(crate) l1_dirty: bool,
     pub(crate) in_flight: HashSet<u64>,
+    /// Writers waiting in `claim` for a cluster in flight: releases wake them only when
+    /// there are some (a condition variable's wake is a system call even with nobody
+    /// waiting, once per cluster written otherwise).
+    pub(crate) waiters: usize,
     /// The dirty bit is set on disk (lazy refcounts).
     pub(crate) marked_dirty: bool,
     pub(crate) lazy: bool,
@@ -278,15 +282,25 @@ impl Qcow2 {
         gc: u64,
     ) -> std::sync::MutexGuard<'a, Option<WriteState>> {
         while g.as_ref().unwrap().in_flight.contains(&gc) {
+            g.as_mut().unwrap().waiters += 1;
             g = self.ws_cond.wait(g).unwrap();
+            g.as_mut().unwrap().waiters -= 1;
         }
         g.as_mut().unwrap().in_flight.insert(gc);
         g
     }
 
     fn release(&self, g: &mut Option<WriteState>, gc: u64) {
-        g.as_mut().unwrap().in_flight.remove(&gc);
-        self.ws_cond.notify_all();
+        let st = g.as_mut().unwrap();
+        st.in_flight.remove(&gc);
+        self.wake(st);
+    }
+
+    /// Wakes the writers waiting for clusters in flight, if any.
+    fn wake(&self, st: &WriteState) {
+        if st.waiters > 0 {
+            self.ws_cond.notify_all();
+        }
     }
 
     /// Writes `data` at guest `offset`, which lies within one cluster.
@@ -631,7 +645,7 @@ impl Qcow2 {
                     for k in 0..n {
                         st.in_flight.remove(&(gc0 + k));
                     }
-                    self.ws_cond.notify_all();
+                    self.wake(st);
                     return Err(e);
                 }
             }
@@ -641,7 +655,7 @@ impl Qcow2 {
             for k in 0..n {
                 st.in_flight.remove(&(gc0 + k));
             }
-            self.ws_cond.notify_all();
+            self.wake(st);
             return Err(Error::Corrupt(format!(
                 "Preventing invalid write on metadata (overlaps with {what})"
             )));
@@ -676,7 +690,7 @@ impl Qcow2 {
         for k in 0..n {
             st.in_flight.remove(&(gc0 + k));
         }
-        self.ws_cond.notify_all();
+        self.wake(st);
         drop(g);
         r?;
         self.maybe_flush()?;
