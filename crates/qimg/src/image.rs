@@ -88,6 +88,9 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Starts writing data back to the device without waiting (a hint for long copies,
+    /// see [`Storage::start_writeback`](crate::storage::Storage::start_writeback)).
+    fn start_writeback(&self) {}
     /// The status of the range starting at `offset`: the returned extent starts at
     /// `offset` and is at most `len` bytes long (and at least 1 byte when `len > 0`).
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;

@@ -70,6 +70,10 @@ impl Image for Raw {
         self.file.flush()
     }
 
+    fn start_writeback(&self) {
+        self.file.start_writeback()
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let data = Status {
             allocated: true,

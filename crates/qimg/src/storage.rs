@@ -26,6 +26,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Starts writing completed writes back to the device without waiting for them: a
+    /// hint that lets a long copy overlap its final [`flush`](Storage::flush) with the
+    /// copying. It guarantees nothing; durability still needs `flush`.
+    fn start_writeback(&self) {}
     /// Bytes really allocated on the host (for `actual-size`).
     fn allocated_size(&self) -> Result<u64> {
         self.len()
@@ -333,6 +337,15 @@ impl Storage for FileStorage {
     fn flush(&self) -> Result<()> {
         self.file.sync_data()?;
         Ok(())
+    }
+
+    fn start_writeback(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a descriptor this storage owns; a failure (a file
+        // system without it) only loses the hint.
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
     }
 
     fn allocated_size(&self) -> Result<u64> {

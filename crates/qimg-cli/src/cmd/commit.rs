@@ -258,6 +258,14 @@ fn commit_cmd(ctx: &Ctx, o: &CommitOpts) -> i32 {
             ctx.error(&format!("Block job failed: {e}"));
             return 1;
         }
+        // Close the base here rather than on drop, where a failure storing its bitmaps or
+        // writing its last metadata could not be reported.
+        if let Some(q) = layer_at(top.as_ref(), depth).and_then(as_qcow2) {
+            if let Err(e) = q.close() {
+                ctx.error(&format!("Block job failed: {e}"));
+                return 1;
+            }
+        }
     }
     // -b implies -d: the overlay still names its old backing file, whose content changed.
     if !o.drop && o.base.is_none() && fmt.as_deref() != Some("raw") {

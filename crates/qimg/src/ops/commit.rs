@@ -40,6 +40,9 @@ impl std::fmt::Debug for CommitOptions<'_> {
 /// Largest piece one worker copies at a time.
 const CHUNK: u64 = 2 << 20;
 
+/// Bytes copied between two write-back hints to the base.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
 /// The layer `depth` levels below `top` (0 = `top` itself).
 pub fn layer_at(top: &dyn Image, depth: usize) -> Option<&dyn Image> {
     let mut l = top;
@@ -125,6 +128,8 @@ pub fn commit(top: &dyn Image, depth: usize, opts: &CommitOptions) -> Result<u64
         Some(q) => q.cluster_size(),
         None => 64 << 10,
     };
+    // Items are cut at CHUNK boundaries, so a granule must divide CHUNK.
+    let granule = granule.clamp(512, CHUNK);
     let ranges = ranges_above(top, depth, granule)?;
     // Work items: the ranges cut at CHUNK boundaries.
     let mut items = Vec::new();
@@ -140,16 +145,22 @@ pub fn commit(top: &dyn Image, depth: usize, opts: &CommitOptions) -> Result<u64
     // Zero writes go first and are flushed, so the clusters they release (the engine
     // frees only after a flush) can hold the data copied next: the base ends up as
     // compact as QEMU, whose commit frees at once, leaves it.
-    run_items(top, base, &items, true, opts.threads, &|_| {})?;
+    run_items(top, base, &items, granule, true, opts.threads, &|_| {})?;
     base.flush()?;
     let done = AtomicU64::new(0);
     let on_done = |len: u64| {
         let d = done.fetch_add(len, Ordering::Relaxed) + len;
+        // Start the write-back of what was copied so far: the final flush then waits for
+        // the tail only instead of the whole copy (the page cache would otherwise hold
+        // everything until it).
+        if d / WRITEBACK_STEP != (d - len) / WRITEBACK_STEP {
+            base.start_writeback();
+        }
         if let Some(p) = opts.progress {
             p(d, total);
         }
     };
-    run_items(top, base, &items, false, opts.threads, &on_done)?;
+    run_items(top, base, &items, granule, false, opts.threads, &on_done)?;
     base.flush()?;
     Ok(total)
 }
@@ -160,6 +171,7 @@ fn run_items(
     top: &dyn Image,
     base: &dyn Image,
     items: &[(u64, u64)],
+    granule: u64,
     zeros: bool,
     threads: usize,
     on_done: &(dyn Fn(u64) + Sync),
@@ -171,7 +183,8 @@ fn run_items(
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                let mut buf = crate::buf::AlignedBuf::new(CHUNK as usize);
+                // The zero pass needs no buffer; zeroing 2 MiB per thread is not free.
+                let mut buf = crate::buf::AlignedBuf::new(if zeros { 0 } else { CHUNK as usize });
                 loop {
                     if failed.load(Ordering::Relaxed) {
                         return;
@@ -180,7 +193,7 @@ fn run_items(
                     let Some(&(off, len)) = items.get(i) else {
                         return;
                     };
-                    if let Err(e) = copy_item(top, base, off, len, &mut buf, zeros) {
+                    if let Err(e) = copy_item(top, base, off, len, granule, &mut buf, zeros) {
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(e);
                         return;
@@ -196,20 +209,67 @@ fn run_items(
     }
 }
 
+/// Splits `[off, off+len)` (granule-aligned except at the image end) into the pieces
+/// the base gets: whole granules that read as zeros, and data spans that cover every
+/// other granule completely.
+///
+/// A granule is never split between a zero write and a data write: two writes to one
+/// cluster of the base would allocate it with the first and overwrite it in place with
+/// the second, and a crash between them could leave a cluster the base did not store
+/// before half old, half new. One write per cluster keeps QEMU's property that a fresh
+/// cluster reads wholly old or wholly new.
+fn plan_item(top: &dyn Image, off: u64, len: u64, granule: u64) -> Result<Vec<(u64, u64, bool)>> {
+    let end = off + len;
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |s: u64, e: u64, zero: bool| {
+        if s >= e {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.2 == zero && last.0 + last.1 == s => last.1 = e - last.0,
+            _ => out.push((s, e - s, zero)),
+        }
+    };
+    let mut pos = off;
+    while pos < end {
+        let e = chain_status(top, pos, end - pos)?;
+        let n = e.len.min(end - pos);
+        if n == 0 {
+            return Err(Error::Corrupt(format!("empty block status at {pos}")));
+        }
+        if e.zero && !e.data {
+            let zs = pos.div_ceil(granule) * granule;
+            let ze = if pos + n == end {
+                end
+            } else {
+                (pos + n) / granule * granule
+            };
+            if zs < ze {
+                push(pos, zs, false);
+                push(zs, ze, true);
+                push(ze, pos + n, false);
+            } else {
+                push(pos, pos + n, false);
+            }
+        } else {
+            push(pos, pos + n, false);
+        }
+        pos += n;
+    }
+    Ok(out)
+}
+
 fn copy_item(
     top: &dyn Image,
     base: &dyn Image,
     off: u64,
     len: u64,
+    granule: u64,
     buf: &mut [u8],
     zeros: bool,
 ) -> Result<()> {
-    let end = off + len;
-    let mut pos = off;
-    while pos < end {
-        let e = chain_status(top, pos, end - pos)?;
-        let n = e.len.min(end - pos);
-        if e.zero && !e.data {
+    for (pos, n, zero) in plan_item(top, off, len, granule)? {
+        if zero {
             if zeros {
                 base.write_zeroes(pos, n, true)?;
             }
@@ -218,7 +278,6 @@ fn copy_item(
             top.read_at(b, pos)?;
             base.write_at(b, pos)?;
         }
-        pos += n;
     }
     Ok(())
 }

@@ -35,6 +35,10 @@ pub(crate) struct Refcounts {
     pub(crate) table_offset: u64,
     blocks: HashMap<u64, Block>,
     free_hint: u64,
+    /// `(hint, n)`: no run of `n` or more free clusters starts in `[free_hint, hint)`, so
+    /// an allocation of at least `n` clusters may start its scan at `hint`. Hints only
+    /// choose where scans start; every cluster is still checked before it is taken.
+    run_hint: (u64, u64),
     pending_free: Vec<u64>,
     gen: u64,
     /// Host clusters holding refcount blocks (for overlap checks).
@@ -77,6 +81,7 @@ impl Refcounts {
             table_offset,
             blocks: HashMap::new(),
             free_hint: 0,
+            run_hint: (0, 0),
             pending_free: Vec::new(),
             gen: 0,
         })
@@ -164,6 +169,10 @@ impl Refcounts {
             self.set(file, c, v - 1)?;
             if v == 1 {
                 self.free_hint = self.free_hint.min(c);
+                // A run of `n` that now fits must include `c`, and the free clusters before
+                // `c` in it were a shorter run already: it starts after `c - n`.
+                let (h, n) = self.run_hint;
+                self.run_hint.0 = h.min(c.saturating_sub(n));
             }
         }
         Ok(())
@@ -305,32 +314,62 @@ impl Refcounts {
     /// Allocates `n` contiguous free clusters (refcount 1 each); returns the first.
     pub(crate) fn alloc(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let mut start = self.free_hint;
-        'scan: loop {
+        // Runs: skip the gaps earlier scans found too short (otherwise, once the image has
+        // holes smaller than the runs written, every allocation rescans the whole file).
+        if n > 1 && self.run_hint.1 != 0 && n >= self.run_hint.1 {
+            start = start.max(self.run_hint.0);
+        }
+        let from_hint = start == self.free_hint;
+        // The scan covers every cluster from its start on, in order; remembering the first
+        // free one lets the next allocation skip the used ones.
+        let mut first_free = None;
+        // A linear search for `n` consecutive free clusters, reading each refcount block
+        // once per pass rather than looking it up for every cluster.
+        let (order, per_block) = (self.order, self.per_block);
+        let mut run = 0u64;
+        loop {
             if (start + n) << self.cluster_bits > super::super::ondisk::MAX_HOST_OFFSET {
                 return Err(Error::InvalidArgument("Image file is full".into()));
             }
-            for k in 0..n {
-                let c = start + k;
-                // Creating a block takes the first cluster it covers: rescan from there.
-                let i = c / self.per_block;
-                let covered = (i as usize) < self.table.len()
-                    && self.table[i as usize] & REFTABLE_OFFSET_MASK != 0;
-                if !covered {
-                    self.ensure_block(file, i)?;
-                    continue 'scan;
-                }
-                if self.get(file, c)? != 0 {
-                    start = c + 1;
-                    continue 'scan;
-                }
+            if run == n {
+                break;
             }
-            break;
+            let c = start + run;
+            let i = c / per_block;
+            let covered = (i as usize) < self.table.len()
+                && self.table[i as usize] & REFTABLE_OFFSET_MASK != 0;
+            if !covered {
+                // Creating a block takes the first cluster it covers: rescan the run.
+                self.ensure_block(file, i)?;
+                run = 0;
+                continue;
+            }
+            let b = self
+                .block(file, i)?
+                .ok_or_else(|| Error::Corrupt(format!("refcount block {i} vanished")))?;
+            let mut j = c % per_block;
+            while run < n && j < per_block {
+                if rc::get(&b.data, order, j as usize) != 0 {
+                    start = i * per_block + j + 1;
+                    run = 0;
+                } else {
+                    first_free.get_or_insert(i * per_block + j);
+                    run += 1;
+                }
+                j += 1;
+            }
         }
         for k in 0..n {
             self.set(file, start + k, 1)?;
         }
-        if start == self.free_hint {
-            self.free_hint = start + n;
+        if from_hint {
+            self.free_hint = match first_free {
+                Some(f) if f != start => f,
+                _ => start + n,
+            };
+        }
+        if n > 1 {
+            self.run_hint = (start + n, n);
         }
         Ok(start << self.cluster_bits)
     }

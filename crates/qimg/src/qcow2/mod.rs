@@ -289,6 +289,7 @@ impl Qcow2 {
                 )?,
                 l1_dirty: false,
                 in_flight: Default::default(),
+                waiters: 0,
                 marked_dirty: false,
                 lazy: h.compatible_features & header::compat::LAZY_REFCOUNTS != 0,
                 l2_clusters: l1
@@ -873,6 +874,12 @@ impl Image for Qcow2 {
 
     fn flush(&self) -> Result<()> {
         self.flush_metadata(false)
+    }
+
+    fn start_writeback(&self) {
+        if let Ok(d) = self.data_storage() {
+            d.start_writeback();
+        }
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

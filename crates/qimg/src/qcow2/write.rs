@@ -43,6 +43,10 @@ pub(crate) struct WriteState {
     pub(crate) refs: Refcounts,
     pub(crate) l1_dirty: bool,
     pub(crate) in_flight: HashSet<u64>,
+    /// Writers waiting in `claim` for a cluster in flight: releases wake them only when
+    /// there are some (a condition variable's wake is a system call even with nobody
+    /// waiting, once per cluster written otherwise).
+    pub(crate) waiters: usize,
     /// The dirty bit is set on disk (lazy refcounts).
     pub(crate) marked_dirty: bool,
     pub(crate) lazy: bool,
@@ -278,15 +282,25 @@ impl Qcow2 {
         gc: u64,
     ) -> std::sync::MutexGuard<'a, Option<WriteState>> {
         while g.as_ref().unwrap().in_flight.contains(&gc) {
+            g.as_mut().unwrap().waiters += 1;
             g = self.ws_cond.wait(g).unwrap();
+            g.as_mut().unwrap().waiters -= 1;
         }
         g.as_mut().unwrap().in_flight.insert(gc);
         g
     }
 
     fn release(&self, g: &mut Option<WriteState>, gc: u64) {
-        g.as_mut().unwrap().in_flight.remove(&gc);
-        self.ws_cond.notify_all();
+        let st = g.as_mut().unwrap();
+        st.in_flight.remove(&gc);
+        self.wake(st);
+    }
+
+    /// Wakes the writers waiting for clusters in flight, if any.
+    fn wake(&self, st: &WriteState) {
+        if st.waiters > 0 {
+            self.ws_cond.notify_all();
+        }
     }
 
     /// Writes `data` at guest `offset`, which lies within one cluster.
@@ -499,11 +513,86 @@ impl Qcow2 {
                     continue;
                 }
             }
+            // Clusters already ours and contiguous on the host: one write for the run.
+            let n = self.write_inplace_run(&buf[done..], pos)?;
+            if n > 0 {
+                done += n;
+                continue;
+            }
             let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
             self.write_in_cluster(&buf[done..done + n], pos)?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes the longest prefix of `data` (at guest `offset`) that lands in clusters
+    /// overwritable in place (allocated, exclusively ours, and with extended L2 the touched
+    /// subclusters allocated) and contiguous on the host, with one write. Returns the
+    /// bytes written (0: the first cluster needs the general path).
+    ///
+    /// The decision is taken under the metadata lock, as `write_in_cluster` does for one
+    /// cluster; the I/O gate is then held across the write so that no cluster of the run
+    /// can be freed and reused before the data lands.
+    fn write_inplace_run(&self, data: &[u8], offset: u64) -> Result<usize> {
+        let cs = self.cluster_size();
+        let ext = self.header.extended_l2();
+        let df = self.header.has_data_file();
+        let unit = 1u64 << self.unit_bits;
+        let end = offset + data.len() as u64;
+        let g = self.ws()?;
+        let st = g.as_ref().unwrap();
+        let mut start_host = None;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos >> self.cluster_bits;
+            if st.in_flight.contains(&gc) {
+                break;
+            }
+            let (entry, bitmap) = self.entry_locked(gc)?;
+            let ClusterType::Normal(h) = l2::classify(entry, ext, df) else {
+                break;
+            };
+            if entry & COPIED == 0 {
+                break;
+            }
+            let a = pos & (cs - 1);
+            let b = (a + (end - pos)).min(cs);
+            if ext {
+                let (s, e) = ((a / unit) as u32, (b.div_ceil(unit)) as u32);
+                let mask = if e - s >= 32 {
+                    u32::MAX as u64
+                } else {
+                    (((1u32 << (e - s)) - 1) << s) as u64
+                };
+                if bitmap & mask != mask {
+                    break;
+                }
+            }
+            match start_host {
+                None => start_host = Some(h + a),
+                Some(s0) if s0 + (pos - offset) == h + a => {}
+                Some(_) => break,
+            }
+            pos += b - a;
+        }
+        let Some(host) = start_host else {
+            return Ok(0);
+        };
+        let len = pos - offset;
+        if !df {
+            if let Some(what) = self.overlap(st, host, len, None) {
+                return Err(Error::Corrupt(format!(
+                    "Preventing invalid write on metadata (overlaps with {what})"
+                )));
+            }
+        }
+        let gate = self.io_gate.read().unwrap();
+        drop(g);
+        let r = self.data_storage()?.write_at(&data[..len as usize], host);
+        drop(gate);
+        r?;
+        Ok(len as usize)
     }
 
     /// Writes a prefix of `data` (whole clusters at cluster-aligned `offset`) whose
@@ -556,7 +645,7 @@ impl Qcow2 {
                     for k in 0..n {
                         st.in_flight.remove(&(gc0 + k));
                     }
-                    self.ws_cond.notify_all();
+                    self.wake(st);
                     return Err(e);
                 }
             }
@@ -566,7 +655,7 @@ impl Qcow2 {
             for k in 0..n {
                 st.in_flight.remove(&(gc0 + k));
             }
-            self.ws_cond.notify_all();
+            self.wake(st);
             return Err(Error::Corrupt(format!(
                 "Preventing invalid write on metadata (overlaps with {what})"
             )));
@@ -601,7 +690,7 @@ impl Qcow2 {
         for k in 0..n {
             st.in_flight.remove(&(gc0 + k));
         }
-        self.ws_cond.notify_all();
+        self.wake(st);
         drop(g);
         r?;
         self.maybe_flush()?;
