@@ -196,6 +196,31 @@ fn parse_c_int(s: &str) -> Option<i64> {
         .then_some(v)
 }
 
+/// Parses an unsigned integer as C's `strtoull(s, .., 0)` would, whole string only:
+/// leading blanks, a sign (a minus wraps around, as in C), `0x` hex or `0` octal.
+fn parse_c_u64(s: &str) -> Option<u64> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let hex = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .filter(|h| h.starts_with(|c: char| c.is_ascii_hexdigit()));
+    let (digits, radix) = match hex {
+        Some(h) => (h, 16),
+        None if t.starts_with('0') => (t, 8),
+        None => (t, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = u64::from_str_radix(digits, radix).ok()?;
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
 /// Stage two: the validated configuration.
 #[derive(Debug, Default)]
 struct Opts {
@@ -216,6 +241,9 @@ struct Opts {
     detect_zeroes: DetectZeroes,
     cache: CacheMode,
     handshake_limit: u32,
+    /// `-o`: export the image from this byte on (qemu-nbd keeps it as a u64 and only
+    /// refuses values above `i64::MAX` once the image is open).
+    offset: u64,
     pid_file: Option<String>,
     fork: bool,
     help: bool,
@@ -251,13 +279,10 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             'b' => o.bind = Some(v),
             'p' => o.port = Some(v),
             'k' => o.socket = Some(v),
-            'o' => {
-                return Err(fail(match parse_c_int(&v) {
-                    None if !v.trim().starts_with('-') => format!("Invalid offset '{v}'"),
-                    Some(x) if x >= 0 => "--offset is not supported".to_string(),
-                    _ => format!("Value '{v}' is out of range for parameter 'offset'"),
-                }))
-            }
+            'o' => match parse_c_u64(&v) {
+                Some(x) => o.offset = x,
+                None => return Err(fail(format!("Invalid offset '{v}'"))),
+            },
             'r' => {
                 o.read_only = true;
                 device_opt = true;
@@ -397,6 +422,7 @@ Connection properties:
       --handshake-limit=N   limit client's handshake to N seconds (default 10)
 
 Exposing part of the image:
+  -o, --offset=OFFSET       offset into the image
   -A, --allocation-depth    expose the allocation depth
   -B, --bitmap=NAME         expose a persistent dirty bitmap
 
@@ -580,6 +606,21 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
             o.image
         );
     }
+    // qemu-nbd checks the offset once the image is open, against its (sector-rounded)
+    // size; values above i64::MAX are refused as the signed option they become.
+    if o.offset != 0 {
+        if o.offset > i64::MAX as u64 {
+            return Err(format!(
+                "Value '{}' is out of range for parameter 'offset'",
+                o.offset as i64
+            ));
+        }
+        crate::offset::OffsetImage::new(image.clone(), o.offset)?;
+        // The offset node qemu-nbd stacks on top hides the image's bitmaps.
+        if let Some(b) = o.bitmaps.first() {
+            return Err(format!("Bitmap '{b}' is not found"));
+        }
+    }
     // Bitmaps are looked up in the image itself (below any `-s` overlay), and refused
     // with qemu-nbd's messages when missing or inconsistent.
     let mut bitmap_contexts: Vec<Arc<dyn crate::meta::MetaContext>> = Vec::new();
@@ -633,6 +674,11 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
             crate::overlay::Overlay::new(image, &dir)
                 .map_err(|e| format!("Could not create temporary overlay: {}", qemu_msg(e)))?,
         )
+    } else {
+        image
+    };
+    let image: Arc<dyn Image> = if o.offset != 0 {
+        Arc::new(crate::offset::OffsetImage::new(image, o.offset)?)
     } else {
         image
     };

@@ -20,6 +20,7 @@ pub mod cli;
 mod conn;
 mod handshake;
 pub mod meta;
+pub mod offset;
 pub mod overlay;
 pub mod proto;
 mod server;
