@@ -246,6 +246,8 @@ struct Opts {
     offset: u64,
     pid_file: Option<String>,
     fork: bool,
+    /// `-L`: list a server's exports instead of serving.
+    list: bool,
     help: bool,
     version: bool,
     image: String,
@@ -270,8 +272,14 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
         handshake_limit: 10,
         ..Opts::default()
     };
-    let mut list = false;
-    let mut device_opt = false;
+    // List mode (-L) is a client: options that describe an export make no sense with it.
+    let list = opts.iter().any(|o| o.0 == 'L');
+    let per_device = opts.iter().any(|o| {
+        matches!(
+            o.0,
+            'x' | 'D' | 'o' | 'c' | 'd' | 'f' | 'l' | 'B' | 'A' | 'n' | '\u{1}' | '\u{2}' | '\u{3}'
+        )
+    });
     for (c, v) in opts {
         match c {
             'h' => o.help = true,
@@ -283,31 +291,24 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
                 Some(x) => o.offset = x,
                 None => return Err(fail(format!("Invalid offset '{v}'"))),
             },
-            'r' => {
-                o.read_only = true;
-                device_opt = true;
-            }
+            'r' => o.read_only = true,
             'A' => o.allocation_depth = true,
             'B' => o.bitmaps.push(v),
-            'c' => {
+            'c' if !list => {
                 return Err(fail(
                     "the kernel NBD client (-c/--connect) is not supported",
                 ))
             }
-            'd' => {
+            'd' if !list => {
                 return Err(fail(
                     "the kernel NBD client (-d/--disconnect) is not supported",
                 ))
             }
-            'L' => list = true,
-            's' => {
-                o.snapshot = true;
-                device_opt = true;
-            }
+            'L' | 'c' | 'd' => o.list = true,
+            's' => o.snapshot = true,
             'l' => {
                 o.load_snapshot = Some(v);
                 o.read_only = true;
-                device_opt = true;
             }
             'n' => o.cache = CacheMode::None,
             '\u{1}' => {
@@ -380,10 +381,16 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
         return Ok(o);
     }
     if list {
-        if device_opt || !o.export_name.is_empty() || !pos.is_empty() {
+        if !pos.is_empty() {
+            return Err(fail("List mode is incompatible with a file name"));
+        }
+        if per_device {
             return Err(fail("List mode is incompatible with per-device settings"));
         }
-        return Err(fail("list mode (-L) is not supported"));
+        if o.fork {
+            return Err(fail("List mode is incompatible with forking"));
+        }
+        return Ok(o);
     }
     if pos.len() != 1 {
         return Err(Fail {
@@ -407,6 +414,8 @@ Serve a disk image over NBD (a drop-in for qemu-nbd, built on qimg).
 
   -h, --help                display this help and exit
   -V, --version             output version information and exit
+
+  -L, --list                list exports available from another NBD server
 
 Connection properties:
   -p, --port=PORT           port to listen on (default `{DEFAULT_PORT}')
@@ -540,6 +549,12 @@ pub fn main_serve(prog: &str, args: &[String]) -> i32 {
     if o.version {
         println!("{prog} {}", env!("CARGO_PKG_VERSION"));
         return 0;
+    }
+    if o.list {
+        // qemu-nbd connects to 0.0.0.0 by default here (Linux treats it as this host).
+        let port = o.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string());
+        let host = o.bind.as_deref().unwrap_or("0.0.0.0");
+        return crate::client::main_list(prog, o.socket.as_deref(), host, &port);
     }
     match run(prog, &o) {
         Ok(()) => 0,

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod client;
 mod conn;
 mod handshake;
 pub mod meta;

@@ -209,3 +209,119 @@ fn unaligned_raw_size_matches_qemu_nbd() {
         maps,
     );
 }
+
+/// Runs a listing, retrying while the server is still starting up (its socket may exist
+/// a moment before it listens).
+fn list_until_up(client: &str, args: &[&str]) -> String {
+    for _ in 0..100 {
+        let o = run(10, client, args);
+        if o.status.success() {
+            return String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ok(10, client, args)
+}
+
+/// `qemu-nbd -L` and `qimg-nbd -L` print the same listing of the same server, whichever
+/// of qemu-nbd and qimg-nbd that server is.
+#[test]
+fn list_matches_qemu_nbd() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let top = make_chain(d.path());
+    let t = top.to_str().unwrap();
+    ok(20, "qemu-img", &["bitmap", "--add", t, "b0"]);
+    let raw = d.path().join("odd.raw");
+    std::fs::write(&raw, vec![1u8; 1000]).unwrap();
+    let r = raw.to_str().unwrap();
+    let configs: Vec<Vec<&str>> = vec![
+        vec!["-f", "qcow2", t],
+        vec![
+            "-A",
+            "-B",
+            "b0",
+            "-e",
+            "3",
+            "-D",
+            "a description",
+            "-x",
+            "exp1",
+            "-f",
+            "qcow2",
+            t,
+        ],
+        vec!["-r", "-f", "raw", r],
+        vec!["-f", "qcow2", "-o", "4096", "-x", "off", t],
+    ];
+    let qimg = qimg_nbd();
+    for cfg in &configs {
+        let mut outs = Vec::new();
+        for server in ["qemu-nbd", qimg] {
+            let mut args = vec!["-t"];
+            args.extend(cfg.iter().copied());
+            let mut srv = Srv::start(server, &d.path().join("l.sock"), &args);
+            if let Ok(Some(st)) = srv.child.try_wait() {
+                let mut e = String::new();
+                use std::io::Read;
+                srv.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut e)
+                    .unwrap();
+                panic!("{server} {args:?} exited: {st} {e}");
+            }
+            let s = srv.sock.to_str().unwrap();
+            for client in ["qemu-nbd", qimg] {
+                outs.push((server, client, list_until_up(client, &["-L", "-k", s])));
+            }
+            // A clean exit: a killed writer would leave the bitmap marked in use.
+            srv.signal(libc::SIGTERM);
+            srv.wait_exit(10);
+        }
+        for o in &outs[1..] {
+            assert_eq!(o.2, outs[0].2, "{cfg:?}: {} -L against {}", o.1, o.0);
+        }
+        assert!(
+            outs[0].2.starts_with("exports available: 1\n"),
+            "{}",
+            outs[0].2
+        );
+    }
+
+    // Over TCP, with the listing taken from -b/-p.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let mut child = std::process::Command::new(qimg)
+        .args(["-t", "-b", "127.0.0.1", "-p", &port, "-r", "-f", "raw", r])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let got = list_until_up(qimg, &["-L", "-b", "127.0.0.1", "-p", &port]);
+    let want = ok(10, "qemu-nbd", &["-L", "-b", "127.0.0.1", "-p", &port]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got, want);
+
+    // Usage and connection errors, word for word.
+    let none = d.path().join("none.sock");
+    let n = none.to_str().unwrap();
+    for args in [
+        vec!["-L", "-k", n],
+        vec!["-L", "-b", "127.0.0.1", "-p", "1"],
+        vec!["-L", "img"],
+        vec!["-L", "-x", "e"],
+        vec!["-L", "-f", "raw"],
+        vec!["-L", "-o", "5"],
+        vec!["-L", "--cache=none"],
+        vec!["-L", "--fork"],
+        vec!["-L", "-r", "-s", "-k", n],
+    ] {
+        assert_eq!(err_of(qimg, &args), err_of("qemu-nbd", &args), "{args:?}");
+    }
+}
