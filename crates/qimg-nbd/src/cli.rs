@@ -246,6 +246,8 @@ struct Opts {
     offset: u64,
     pid_file: Option<String>,
     fork: bool,
+    /// `--image-opts`: the image argument is an option string.
+    image_opts: bool,
     /// `-L`: list a server's exports instead of serving.
     list: bool,
     help: bool,
@@ -366,7 +368,7 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             'v' | 'T' => {}
             '\u{5}' => return Err(fail("--object is not supported")),
             '\u{6}' | '\u{7}' | '\u{8}' => return Err(fail("TLS is not supported")),
-            '\u{9}' => return Err(fail("--image-opts is not supported")),
+            '\u{9}' => o.image_opts = true,
             '\u{a}' => o.fork = true,
             '\u{b}' => o.pid_file = Some(v),
             '\u{c}' => return Err(fail("--selinux-label is not supported")),
@@ -397,6 +399,9 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             msg: "Invalid number of arguments".into(),
             usage: true,
         });
+    }
+    if o.image_opts && o.format.is_some() {
+        return Err(fail("--image-opts and -f are mutually exclusive"));
     }
     if o.detect_zeroes == DetectZeroes::Unmap && o.discard != Discard::Unmap {
         return Err(fail(
@@ -442,6 +447,8 @@ General purpose options:
       --pid-file=PATH       store the server's process ID in the given file
 
 Block device options:
+      --image-opts          treat FILE as a full set of image options
+                            (driver=qcow2|raw|file, file.filename, ...)
   -f, --format=FORMAT       set image format (raw, qcow2)
   -r, --read-only           export read-only
   -s, --snapshot            use FILE as a backing file; writes go to a
@@ -569,7 +576,20 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
     // With -s the image is only read; writes go to a temporary overlay.
     // An internal snapshot is exported read-only, as qemu-nbd does.
     let writable = !o.read_only && !o.snapshot && o.load_snapshot.is_none();
-    let path = Path::new(&o.image);
+    // With --image-opts the argument names the file and format in an option string.
+    let spec = if o.image_opts {
+        Some(
+            crate::imageopts::parse(&o.image, o.read_only)
+                .map_err(|m| format!("Failed to blk_new_open '{}': {m}", o.image))?,
+        )
+    } else {
+        None
+    };
+    let (file, format) = match &spec {
+        Some(s) => (s.filename.as_str(), s.format.clone()),
+        None => (o.image.as_str(), o.format.clone()),
+    };
+    let path = Path::new(file);
     let snapshot = o.load_snapshot.as_ref().map(|spec| {
         if spec.starts_with("snapshot.") {
             let mut id = None;
@@ -587,15 +607,16 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
         }
     });
     let open_opts = OpenOptions {
-        format: o.format.clone(),
+        format: format.clone(),
         writable,
+        force_share: spec.as_ref().is_some_and(|s| s.force_share),
         snapshot: snapshot.clone(),
         ..OpenOptions::default()
     };
     if snapshot.is_some() {
         // Probe first so that a format without snapshots gets QEMU's message.
         let probe_opts = OpenOptions {
-            format: o.format.clone(),
+            format: format.clone(),
             force_share: true,
             no_backing: true,
             ..OpenOptions::default()
@@ -613,12 +634,20 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
         qimg::Error::NotFound(m) if snapshot.is_some() => m,
         e => format!("Failed to blk_new_open '{}': {}", o.image, qemu_msg(e)),
     })?;
-    if o.format.is_none() && image.format_name() == "raw" {
+    // The raw driver's `offset` option (--image-opts) sits right on the file.
+    let image: Arc<dyn Image> = match spec.as_ref().and_then(|s| s.offset) {
+        Some(off) => Arc::new(
+            crate::offset::OffsetImage::new(image, off)
+                .map_err(|m| format!("Failed to blk_new_open '{}': {m}", o.image))?,
+        ),
+        None => image,
+    };
+    if format.is_none() && image.format_name() == "raw" {
         eprintln!(
             "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
              Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
              Specify the 'raw' format explicitly to remove the restrictions.",
-            o.image
+            file
         );
     }
     // qemu-nbd checks the offset once the image is open, against its (sector-rounded)

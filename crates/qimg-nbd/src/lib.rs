@@ -20,6 +20,7 @@ pub mod cli;
 pub mod client;
 mod conn;
 mod handshake;
+pub mod imageopts;
 pub mod meta;
 pub mod offset;
 pub mod overlay;

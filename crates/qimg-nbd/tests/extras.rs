@@ -325,3 +325,71 @@ fn list_matches_qemu_nbd() {
         assert_eq!(err_of(qimg, &args), err_of("qemu-nbd", &args), "{args:?}");
     }
 }
+
+/// `--image-opts`: the same option strings give the same exports and the same errors.
+#[test]
+fn image_opts_match_qemu_nbd() {
+    if !have("qemu-nbd") || !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let top = make_chain(d.path());
+    let t = top.to_str().unwrap();
+    let raw = d.path().join("a.raw");
+    make_raw(&raw, 4 << 20);
+    let r = raw.to_str().unwrap();
+    let q = format!("driver=qcow2,file.driver=file,file.filename={t}");
+    let reads = |s: &Srv| {
+        let mut out = maps(s);
+        out += &no_timings(ok(
+            20,
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                "read -P 1 0 64k",
+                "-c",
+                "read -P 3 64k 64k",
+                "-c",
+                "read -P 2 1M 64k",
+                &s.uri(""),
+            ],
+        ));
+        out
+    };
+    let out = same(d.path(), &["-t", "-r", "-A", "--image-opts", &q], reads);
+    assert!(!out.contains("failed"), "{out}");
+    let spec = format!("driver=raw,file.filename={r},offset=64k");
+    same(d.path(), &["-t", "-r", "-A", "--image-opts", &spec], maps);
+    let spec = format!("driver=file,filename={r}");
+    same(d.path(), &["-t", "-r", "-A", "--image-opts", &spec], maps);
+    let spec = format!("driver=qcow2,file.filename={t},force-share=on,read-only=on");
+    same(d.path(), &["-t", "-r", "-A", "--image-opts", &spec], maps);
+
+    let qimg = qimg_nbd();
+    let sock = d.path().join("e.sock");
+    let s = sock.to_str().unwrap();
+    let missing = d.path().join("missing.qcow2");
+    let m = missing.to_str().unwrap();
+    for spec in [
+        format!("driver=qcow2,file.filename={m}"),
+        format!("driver=qcow2,file.filename={t},bogus=1"),
+        format!("driver=bogus,file.filename={t}"),
+        "driver=qcow2".to_string(),
+        t.to_string(),
+        format!("driver=qcow2,file.filename={t},read-only=on"),
+        format!("driver=qcow2,file.filename={t},force-share=on"),
+        format!("driver=raw,file.filename={r},offset=8M"),
+        format!("driver=raw,file.filename={r},offset=-1"),
+        format!("driver=raw,file.filename={r},offset=abc"),
+        format!("driver=file,filename={r},offset=5"),
+        format!(",driver=qcow2,file.filename={t}"),
+    ] {
+        let args = ["-k", s, "--image-opts", &spec];
+        assert_eq!(err_of(qimg, &args), err_of("qemu-nbd", &args), "{spec}");
+    }
+    let args = ["-k", s, "--image-opts", "-f", "qcow2", &q];
+    assert_eq!(err_of(qimg, &args), err_of("qemu-nbd", &args));
+}
