@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 /// Second magic of an oldstyle server (no options, one export described at once).
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Longest option reply accepted: an `NBD_REP_SERVER` with a maximal name and
 /// description, with room to spare.
 const MAX_REPLY: u32 = 3 * MAX_STRING as u32;
