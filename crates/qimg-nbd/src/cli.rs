@@ -841,6 +841,49 @@ mod tests {
     }
 
     #[test]
+    fn offsets_parse_like_strtoull() {
+        assert_eq!(parse_c_u64("4096"), Some(4096));
+        assert_eq!(parse_c_u64(" +0x10"), Some(16));
+        assert_eq!(parse_c_u64("010"), Some(8));
+        assert_eq!(parse_c_u64("-1"), Some(u64::MAX));
+        assert_eq!(parse_c_u64("-18446744073709551615"), Some(1));
+        for bad in ["", "0x", "08", "1k", "1 ", "-", "18446744073709551616"] {
+            assert_eq!(parse_c_u64(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse(&["-o", "0x200", "i"]).unwrap().offset, 512);
+        assert_eq!(
+            parse(&["-o", "2M", "i"]).err().unwrap(),
+            "Invalid offset '2M'"
+        );
+    }
+
+    #[test]
+    fn list_mode_validation() {
+        assert!(parse(&["-L", "-r", "-s", "-t"]).unwrap().list);
+        assert_eq!(
+            parse(&["-L", "img"]).err().unwrap(),
+            "List mode is incompatible with a file name"
+        );
+        for opt in [
+            &["-x", "e"][..],
+            &["-d"],
+            &["-c", "/dev/nbd0"],
+            &["--aio=threads"],
+        ] {
+            let mut a = vec!["-L"];
+            a.extend_from_slice(opt);
+            assert_eq!(
+                parse(&a).err().unwrap(),
+                "List mode is incompatible with per-device settings"
+            );
+        }
+        assert_eq!(
+            parse(&["-L", "--fork"]).err().unwrap(),
+            "List mode is incompatible with forking"
+        );
+    }
+
+    #[test]
     fn c_integers() {
         assert_eq!(parse_c_int("010"), Some(8));
         assert_eq!(parse_c_int("0x1f"), Some(31));
