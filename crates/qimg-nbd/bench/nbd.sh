@@ -2,10 +2,12 @@
 # qimg-nbd vs qemu-nbd on the same images, in the same run.
 #
 #   nbdcopy: sequential read of the whole export to null: (MiB/s)
+#   nbdcopy: sequential write of a raw file into an empty qcow2 export (MiB/s)
 #   fio (ioengine=nbd): 4k random read / write IOPS at iodepth 16, one connection and
 #   four connections (numjobs=4, -e 4 on the server)
 #
-# Raw image for everything; a qcow2 copy for the read tests. Prints a table with the
+# Raw image for everything; a qcow2 copy for the read tests; an empty qcow2 (created
+# anew for every pass) for the qcow2 write tests, so they measure allocating writes. Prints a table with the
 # ratio qimg-nbd / qemu-nbd (higher is better for qimg-nbd).
 #
 # Env: SIZE (default 512M), RUNTIME seconds per fio test (default 8), KEEP=1 keeps the
@@ -93,6 +95,27 @@ copy_mibs() {
     python3 -c "print(f'{$best:.0f}')"
 }
 
+fresh_qcow2() {
+    rm -f "$work/w.qcow2"
+    qemu-img create -q -f qcow2 "$work/w.qcow2" "$(stat -c %s "$work/img.raw")"
+}
+
+write_mibs() { # prog: best of three copies of the raw file into an empty qcow2 export
+    local t0 t1 bytes best=0 r
+    bytes=$(stat -c %s "$work/img.raw")
+    for r in 1 2 3; do
+        fresh_qcow2
+        start "$1" qcow2 "$work/w.qcow2"
+        t0=$(date +%s.%N)
+        # --flush: the copy is done when the data is on disk, not in the server's cache.
+        timeout 300 nbdcopy --flush "$work/img.raw" "$uri"
+        t1=$(date +%s.%N)
+        stop
+        best=$(python3 -c "print(max($best, $bytes/1048576/($t1-$t0)))")
+    done
+    python3 -c "print(f'{$best:.0f}')"
+}
+
 fio_iops() { # rw jobs
     timeout $((RUNTIME + 60)) fio --name=b --ioengine=nbd --uri="$fio_uri" --rw="$1" --bs=4k \
         --iodepth=16 --numjobs="$2" --group_reporting --runtime="$RUNTIME" --time_based \
@@ -118,6 +141,15 @@ run_suite() { # label prog
     R["$1,qcow2 randread 1 conn"]=$(fio_iops randread 1)
     R["$1,qcow2 randread 4 conn"]=$(fio_iops randread 4)
     stop
+    R["$1,copy into qcow2 MiB/s"]=$(write_mibs "$2")
+    fresh_qcow2
+    start "$2" qcow2 "$work/w.qcow2"
+    R["$1,qcow2 randwrite 1 conn"]=$(fio_iops randwrite 1)
+    stop
+    fresh_qcow2
+    start "$2" qcow2 "$work/w.qcow2"
+    R["$1,qcow2 randwrite 4 conn"]=$(fio_iops randwrite 4)
+    stop
 }
 
 echo "running qimg-nbd ..." >&2
@@ -127,7 +159,8 @@ run_suite qemu qemu-nbd
 
 printf '%-24s %12s %12s %8s\n' test qimg-nbd qemu-nbd ratio
 for k in "copy raw MiB/s" "randread 1 conn" "randread 4 conn" "randwrite 1 conn" \
-    "randwrite 4 conn" "copy qcow2 MiB/s" "qcow2 randread 1 conn" "qcow2 randread 4 conn"; do
+    "randwrite 4 conn" "copy qcow2 MiB/s" "qcow2 randread 1 conn" "qcow2 randread 4 conn" \
+    "copy into qcow2 MiB/s" "qcow2 randwrite 1 conn" "qcow2 randwrite 4 conn"; do
     a=${R["qimg,$k"]}
     b=${R["qemu,$k"]}
     printf '%-24s %12s %12s %8s\n' "$k" "$a" "$b" \

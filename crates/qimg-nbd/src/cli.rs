@@ -197,6 +197,31 @@ fn parse_c_int(s: &str) -> Option<i64> {
         .then_some(v)
 }
 
+/// Parses an unsigned integer as C's `strtoull(s, .., 0)` would, whole string only:
+/// leading blanks, a sign (a minus wraps around, as in C), `0x` hex or `0` octal.
+fn parse_c_u64(s: &str) -> Option<u64> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let hex = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .filter(|h| h.starts_with(|c: char| c.is_ascii_hexdigit()));
+    let (digits, radix) = match hex {
+        Some(h) => (h, 16),
+        None if t.starts_with('0') => (t, 8),
+        None => (t, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = u64::from_str_radix(digits, radix).ok()?;
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
 /// Stage two: the validated configuration.
 #[derive(Debug, Default)]
 struct Opts {
@@ -217,8 +242,15 @@ struct Opts {
     detect_zeroes: DetectZeroes,
     cache: CacheMode,
     handshake_limit: u32,
+    /// `-o`: export the image from this byte on (qemu-nbd keeps it as a u64 and only
+    /// refuses values above `i64::MAX` once the image is open).
+    offset: u64,
     pid_file: Option<String>,
     fork: bool,
+    /// `--image-opts`: the image argument is an option string.
+    image_opts: bool,
+    /// `-L`: list a server's exports instead of serving.
+    list: bool,
     help: bool,
     version: bool,
     image: String,
@@ -244,11 +276,17 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
         handshake_limit: 10,
         ..Opts::default()
     };
-    let mut list = false;
-    let mut device_opt = false;
     let mut objects: Vec<Object> = Vec::new();
     let (mut tls_creds, mut tls_authz, mut tls_hostname) = (None, None, None);
     let mut connect = false;
+    // List mode (-L) is a client: options that describe an export make no sense with it.
+    let list = opts.iter().any(|o| o.0 == 'L');
+    let per_device = opts.iter().any(|o| {
+        matches!(
+            o.0,
+            'x' | 'D' | 'o' | 'c' | 'd' | 'f' | 'l' | 'B' | 'A' | 'n' | '\u{1}' | '\u{2}' | '\u{3}'
+        )
+    });
     for (c, v) in opts {
         match c {
             'h' => o.help = true,
@@ -256,35 +294,25 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             'b' => o.bind = Some(v),
             'p' => o.port = Some(v),
             'k' => o.socket = Some(v),
-            'o' => {
-                return Err(fail(match parse_c_int(&v) {
-                    None if !v.trim().starts_with('-') => format!("Invalid offset '{v}'"),
-                    Some(x) if x >= 0 => "--offset is not supported".to_string(),
-                    _ => format!("Value '{v}' is out of range for parameter 'offset'"),
-                }))
-            }
-            'r' => {
-                o.read_only = true;
-                device_opt = true;
-            }
+            'o' => match parse_c_u64(&v) {
+                Some(x) => o.offset = x,
+                None => return Err(fail(format!("Invalid offset '{v}'"))),
+            },
+            'r' => o.read_only = true,
             'A' => o.allocation_depth = true,
             'B' => o.bitmaps.push(v),
             // Refused after the loop, where qemu-nbd's TLS check comes first.
-            'c' => connect = true,
-            'd' => {
+            'c' if !list => connect = true,
+            'd' if !list => {
                 return Err(fail(
                     "the kernel NBD client (-d/--disconnect) is not supported",
                 ))
             }
-            'L' => list = true,
-            's' => {
-                o.snapshot = true;
-                device_opt = true;
-            }
+            'L' | 'c' | 'd' => o.list = true,
+            's' => o.snapshot = true,
             'l' => {
                 o.load_snapshot = Some(v);
                 o.read_only = true;
-                device_opt = true;
             }
             'n' => o.cache = CacheMode::None,
             '\u{1}' => {
@@ -344,7 +372,7 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
             '\u{6}' => tls_creds = Some(v),
             '\u{7}' => tls_authz = Some(v),
             '\u{8}' => tls_hostname = Some(v),
-            '\u{9}' => return Err(fail("--image-opts is not supported")),
+            '\u{9}' => o.image_opts = true,
             '\u{a}' => o.fork = true,
             '\u{b}' => o.pid_file = Some(v),
             '\u{c}' => return Err(fail("--selinux-label is not supported")),
@@ -367,16 +395,25 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
     }
     o.tls = tls_config(&objects, tls_creds, tls_authz, tls_hostname.is_some())?;
     if list {
-        if device_opt || !o.export_name.is_empty() || !pos.is_empty() {
+        if !pos.is_empty() {
+            return Err(fail("List mode is incompatible with a file name"));
+        }
+        if per_device {
             return Err(fail("List mode is incompatible with per-device settings"));
         }
-        return Err(fail("list mode (-L) is not supported"));
+        if o.fork {
+            return Err(fail("List mode is incompatible with forking"));
+        }
+        return Ok(o);
     }
     if pos.len() != 1 {
         return Err(Fail {
             msg: "Invalid number of arguments".into(),
             usage: true,
         });
+    }
+    if o.image_opts && o.format.is_some() {
+        return Err(fail("--image-opts and -f are mutually exclusive"));
     }
     if o.detect_zeroes == DetectZeroes::Unmap && o.discard != Discard::Unmap {
         return Err(fail(
@@ -611,6 +648,8 @@ Serve a disk image over NBD (a drop-in for qemu-nbd, built on qimg).
   -h, --help                display this help and exit
   -V, --version             output version information and exit
 
+  -L, --list                list exports available from another NBD server
+
 Connection properties:
   -p, --port=PORT           port to listen on (default `{DEFAULT_PORT}')
   -b, --bind=IFACE          interface to bind to (default `{DEFAULT_BIND}';
@@ -625,6 +664,7 @@ Connection properties:
       --handshake-limit=N   limit client's handshake to N seconds (default 10)
 
 Exposing part of the image:
+  -o, --offset=OFFSET       offset into the image
   -A, --allocation-depth    expose the allocation depth
   -B, --bitmap=NAME         expose a persistent dirty bitmap
 
@@ -650,6 +690,8 @@ General purpose options:
       --pid-file=PATH       store the server's process ID in the given file
 
 Block device options:
+      --image-opts          treat FILE as a full set of image options
+                            (driver=qcow2|raw|file, file.filename, ...)
   -f, --format=FORMAT       set image format (raw, qcow2)
   -r, --read-only           export read-only
   -s, --snapshot            use FILE as a backing file; writes go to a
@@ -758,6 +800,12 @@ pub fn main_serve(prog: &str, args: &[String]) -> i32 {
         println!("{prog} {}", env!("CARGO_PKG_VERSION"));
         return 0;
     }
+    if o.list {
+        // qemu-nbd connects to 0.0.0.0 by default here (Linux treats it as this host).
+        let port = o.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string());
+        let host = o.bind.as_deref().unwrap_or("0.0.0.0");
+        return crate::client::main_list(prog, o.socket.as_deref(), host, &port);
+    }
     match run(prog, &o) {
         Ok(()) => 0,
         Err(msg) => {
@@ -771,7 +819,20 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
     // With -s the image is only read; writes go to a temporary overlay.
     // An internal snapshot is exported read-only, as qemu-nbd does.
     let writable = !o.read_only && !o.snapshot && o.load_snapshot.is_none();
-    let path = Path::new(&o.image);
+    // With --image-opts the argument names the file and format in an option string.
+    let spec = if o.image_opts {
+        Some(
+            crate::imageopts::parse(&o.image, o.read_only)
+                .map_err(|m| format!("Failed to blk_new_open '{}': {m}", o.image))?,
+        )
+    } else {
+        None
+    };
+    let (file, format) = match &spec {
+        Some(s) => (s.filename.as_str(), s.format.clone()),
+        None => (o.image.as_str(), o.format.clone()),
+    };
+    let path = Path::new(file);
     let snapshot = o.load_snapshot.as_ref().map(|spec| {
         if spec.starts_with("snapshot.") {
             let mut id = None;
@@ -789,15 +850,16 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
         }
     });
     let open_opts = OpenOptions {
-        format: o.format.clone(),
+        format: format.clone(),
         writable,
+        force_share: spec.as_ref().is_some_and(|s| s.force_share),
         snapshot: snapshot.clone(),
         ..OpenOptions::default()
     };
     if snapshot.is_some() {
         // Probe first so that a format without snapshots gets QEMU's message.
         let probe_opts = OpenOptions {
-            format: o.format.clone(),
+            format: format.clone(),
             force_share: true,
             no_backing: true,
             ..OpenOptions::default()
@@ -815,13 +877,36 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
         qimg::Error::NotFound(m) if snapshot.is_some() => m,
         e => format!("Failed to blk_new_open '{}': {}", o.image, qemu_msg(e)),
     })?;
-    if o.format.is_none() && image.format_name() == "raw" {
+    // The raw driver's `offset` option (--image-opts) sits right on the file.
+    let image: Arc<dyn Image> = match spec.as_ref().and_then(|s| s.offset) {
+        Some(off) => Arc::new(
+            crate::offset::OffsetImage::new(image, off)
+                .map_err(|m| format!("Failed to blk_new_open '{}': {m}", o.image))?,
+        ),
+        None => image,
+    };
+    if format.is_none() && image.format_name() == "raw" {
         eprintln!(
             "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
              Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
              Specify the 'raw' format explicitly to remove the restrictions.",
-            o.image
+            file
         );
+    }
+    // qemu-nbd checks the offset once the image is open, against its (sector-rounded)
+    // size; values above i64::MAX are refused as the signed option they become.
+    if o.offset != 0 {
+        if o.offset > i64::MAX as u64 {
+            return Err(format!(
+                "Value '{}' is out of range for parameter 'offset'",
+                o.offset as i64
+            ));
+        }
+        crate::offset::OffsetImage::new(image.clone(), o.offset)?;
+        // The offset node qemu-nbd stacks on top hides the image's bitmaps.
+        if let Some(b) = o.bitmaps.first() {
+            return Err(format!("Bitmap '{b}' is not found"));
+        }
     }
     // Bitmaps are looked up in the image itself (below any `-s` overlay), and refused
     // with qemu-nbd's messages when missing or inconsistent.
@@ -876,6 +961,11 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
             crate::overlay::Overlay::new(image, &dir)
                 .map_err(|e| format!("Could not create temporary overlay: {}", qemu_msg(e)))?,
         )
+    } else {
+        image
+    };
+    let image: Arc<dyn Image> = if o.offset != 0 {
+        Arc::new(crate::offset::OffsetImage::new(image, o.offset)?)
     } else {
         image
     };
@@ -1032,6 +1122,49 @@ mod tests {
         assert_eq!(
             parse(&["-x", &long, "i"]).err().unwrap(),
             format!("export name '{long}' too long")
+        );
+    }
+
+    #[test]
+    fn offsets_parse_like_strtoull() {
+        assert_eq!(parse_c_u64("4096"), Some(4096));
+        assert_eq!(parse_c_u64(" +0x10"), Some(16));
+        assert_eq!(parse_c_u64("010"), Some(8));
+        assert_eq!(parse_c_u64("-1"), Some(u64::MAX));
+        assert_eq!(parse_c_u64("-18446744073709551615"), Some(1));
+        for bad in ["", "0x", "08", "1k", "1 ", "-", "18446744073709551616"] {
+            assert_eq!(parse_c_u64(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse(&["-o", "0x200", "i"]).unwrap().offset, 512);
+        assert_eq!(
+            parse(&["-o", "2M", "i"]).err().unwrap(),
+            "Invalid offset '2M'"
+        );
+    }
+
+    #[test]
+    fn list_mode_validation() {
+        assert!(parse(&["-L", "-r", "-s", "-t"]).unwrap().list);
+        assert_eq!(
+            parse(&["-L", "img"]).err().unwrap(),
+            "List mode is incompatible with a file name"
+        );
+        for opt in [
+            &["-x", "e"][..],
+            &["-d"],
+            &["-c", "/dev/nbd0"],
+            &["--aio=threads"],
+        ] {
+            let mut a = vec!["-L"];
+            a.extend_from_slice(opt);
+            assert_eq!(
+                parse(&a).err().unwrap(),
+                "List mode is incompatible with per-device settings"
+            );
+        }
+        assert_eq!(
+            parse(&["-L", "--fork"]).err().unwrap(),
+            "List mode is incompatible with forking"
         );
     }
 

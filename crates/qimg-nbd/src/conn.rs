@@ -507,7 +507,8 @@ impl Conn<'_> {
         let mut runs: Vec<(u64, bool)> = Vec::new();
         if req.flags & cmd_flags::DF == 0 {
             let mut ext = Vec::new();
-            let ctx = crate::meta::BaseAllocation::new(self.exp.export.image.clone());
+            // Context 0 is always the export's `base:allocation`.
+            let ctx = &self.exp.contexts[0].1;
             if ctx
                 .extents(req.offset, len, MAX_READ_RUNS, &mut ext)
                 .is_ok()

@@ -469,8 +469,15 @@ impl State<'_> {
         let contexts = self.selected_for(idx);
         let mut ex = info::EXPORT.to_be_bytes().to_vec();
         ex.extend_from_slice(&e.size.to_be_bytes());
+        // QEMU advertises BLOCK_STATUS_PAYLOAD in INFO replies whatever was negotiated:
+        // contexts may still be set before GO. Its `-L` listing shows the flag.
+        let n_contexts = if option == opt::INFO {
+            contexts.len().max(1)
+        } else {
+            contexts.len()
+        };
         ex.extend_from_slice(
-            &e.tx_flags(&self.inner.config, self.mode, contexts.len())
+            &e.tx_flags(&self.inner.config, self.mode, n_contexts)
                 .to_be_bytes(),
         );
         reply(o.io, option, rep::INFO, &ex)?;

@@ -19,9 +19,12 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod client;
 mod conn;
 mod handshake;
+pub mod imageopts;
 pub mod meta;
+pub mod offset;
 pub mod overlay;
 pub mod proto;
 mod server;

@@ -274,7 +274,8 @@ mod tests {
 
     #[test]
     fn copy_on_write_keeps_base_and_merges_partial_blocks() {
-        let base_bytes: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8).collect();
+        // A whole number of sectors: raw sizes are rounded up to them.
+        let base_bytes: Vec<u8> = (0..20480u32).map(|i| (i % 251) as u8).collect();
         let st = Arc::new(MemStorage::new(base_bytes.clone()));
         let base: Arc<dyn Image> = Arc::new(Raw::open(st.clone(), false).unwrap());
         let o = Overlay::new(base, &std::env::temp_dir()).unwrap();
@@ -285,15 +286,15 @@ mod tests {
         model[8192..17192].fill(7);
         o.write_zeroes(17000, 3000, true).unwrap();
         model[17000..20000].fill(0);
-        let mut got = vec![0u8; 20000];
+        let mut got = vec![0u8; 20480];
         o.read_at(&mut got, 0).unwrap();
         assert_eq!(got, model);
         assert_eq!(st.contents(), base_bytes);
-        let e = o.block_status(0, 20000).unwrap();
-        assert_eq!((e.len, e.status.allocated), (20000, true));
-        assert!(o.write_at(&[1], 20000).is_err());
+        let e = o.block_status(0, 20480).unwrap();
+        assert_eq!((e.len, e.status.allocated), (20480, true));
+        assert!(o.write_at(&[1], 20480).is_err());
         let fresh = Overlay::new(o.backing().unwrap().clone(), &std::env::temp_dir()).unwrap();
         let e = fresh.block_status(100, 20000).unwrap();
-        assert_eq!((e.len, e.status.allocated), (19900, false));
+        assert_eq!((e.len, e.status.allocated), (20000, false));
     }
 }

@@ -10,6 +10,7 @@
 
 use crate::conn;
 use crate::meta::{AllocationDepth, BaseAllocation, MetaContext, DIRTY_BITMAP_PREFIX};
+use crate::offset::{OffsetAllocation, OffsetDepth};
 use crate::proto::{self, tx_flags, Mode, MAX_STRING};
 use crate::stream::{Listener, Stream};
 use crate::tls::TlsConfig;
@@ -165,10 +166,19 @@ impl ExportState {
     fn new(export: Export) -> ExportState {
         let len = export.image.len();
         let size = len.checked_add(511).map(|v| v & !511).unwrap_or(len & !511);
-        let mut contexts: Vec<(u32, Arc<dyn MetaContext>)> =
-            vec![(0, Arc::new(BaseAllocation::new(export.image.clone())))];
+        // An offset export hides the backing chain (see `offset`), which changes what
+        // the allocation contexts report.
+        let base: Arc<dyn MetaContext> = match OffsetAllocation::new(export.image.clone()) {
+            Some(c) => Arc::new(c),
+            None => Arc::new(BaseAllocation::new(export.image.clone())),
+        };
+        let mut contexts: Vec<(u32, Arc<dyn MetaContext>)> = vec![(0, base)];
         if export.allocation_depth {
-            contexts.push((1, Arc::new(AllocationDepth::new(export.image.clone()))));
+            let depth: Arc<dyn MetaContext> = match OffsetDepth::new(export.image.clone()) {
+                Some(c) => Arc::new(c),
+                None => Arc::new(AllocationDepth::new(export.image.clone())),
+            };
+            contexts.push((1, depth));
         }
         for (i, b) in export.bitmaps.iter().enumerate() {
             contexts.push((2 + i as u32, b.clone()));

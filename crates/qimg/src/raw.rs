@@ -14,9 +14,12 @@ pub struct Raw {
 }
 
 impl Raw {
-    /// Opens raw storage; the virtual size is the file length.
+    /// Opens raw storage. The virtual size is the file length rounded up to whole
+    /// 512-byte sectors, as QEMU's block layer reports it (`qemu-img info` shows 1024 for
+    /// a 1000-byte file); the tail past the end of the file reads as zeros.
     pub fn open(file: Arc<dyn Storage>, writable: bool) -> Result<Raw> {
-        let len = file.len()?;
+        let flen = file.len()?;
+        let len = flen.checked_add(511).map_or(flen & !511, |v| v & !511);
         Ok(Raw {
             file,
             len,
@@ -56,9 +59,16 @@ impl Image for Raw {
         self.file.write_at(buf, offset)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
-        self.file.punch_hole(offset, len)
+        // Only release space when the caller allows it (NBD's NO_HOLE, qemu-nbd's
+        // --discard=ignore): a guest that zeroes a preallocated disk expects it to stay
+        // allocated.
+        if may_unmap {
+            self.file.punch_hole(offset, len)
+        } else {
+            self.file.zero_range(offset, len)
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

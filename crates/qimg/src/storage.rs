@@ -38,6 +38,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         write_zeros(self, offset, len)
     }
+    /// Makes a range read as zeros while keeping it allocated (a later write there
+    /// cannot fail for lack of space); the default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        write_zeros(self, offset, len)
+    }
     /// Returns where the next data at or after `offset` starts and where it ends, if the
     /// storage knows about holes; `None` means "treat everything as data".
     fn next_data(&self, _offset: u64) -> Result<Option<(u64, u64)>> {
@@ -367,6 +372,29 @@ impl Storage for FileStorage {
             return Ok(());
         }
         // Filesystems without hole punching: fall back to writing zeros.
+        write_zeros(self, offset, len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(());
+        }
+        // ZERO_RANGE turns the range into allocated, unwritten extents: cheap, and the
+        // space stays reserved. Without KEEP_SIZE it also extends the file like a write.
+        // SAFETY: fallocate on a valid fd with plain integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // Filesystems without it (tmpfs, NFS): write the zeros.
         write_zeros(self, offset, len)
     }
 
