@@ -544,3 +544,47 @@ fn resize_with_bitmaps_matches_qemu() {
         .stdout
         .contains("8 MiB"));
 }
+
+#[test]
+fn amend_progress_matches_qemu() {
+    let t = Tmp::new("amend_progress");
+    let d = t.path();
+    mk(d, "compat=0.10", "v2.qcow2", "64M");
+    mk(d, "compat=1.1", "v3.qcow2", "64M");
+    mk(d, "compat=1.1,refcount_bits=8", "r8.qcow2", "64M");
+    // Many L1 entries (and a snapshot's) for the downgrade's per-entry reports.
+    mk(d, "cluster_size=512", "small.qcow2", "64M");
+    qemu_img_ok(d, &["snapshot", "-c", "s", "small.qcow2"]);
+    for img in ["v2.qcow2", "v3.qcow2", "r8.qcow2", "small.qcow2"] {
+        for o in [
+            "compat=1.1",
+            "compat=0.10",
+            "refcount_bits=64",
+            "compat=1.1,refcount_bits=8",
+            "compat=0.10,refcount_bits=16",
+            "lazy_refcounts=on",
+            "size=128M",
+            // Failures inside the driver (after the first report) and while parsing.
+            "compat=2",
+            "refcount_bits=3",
+            "backing_file=x",
+            "foo=1",
+            "lazy_refcounts=maybe",
+        ] {
+            both(d, img, &["amend", "-p", "-o", o, "IMG"]);
+        }
+    }
+    both(
+        d,
+        "v3.qcow2",
+        &["amend", "-p", "-q", "-o", "compat=0.10", "IMG"],
+    );
+    both(
+        d,
+        "v3.qcow2",
+        &["amend", "-p", "--force", "-o", "compat=0.10", "IMG"],
+    );
+    let ours = qimg(d, ["amend", "-p", "-o", "compat=1.1", "nosuch.qcow2"]);
+    let theirs = qemu_img(d, ["amend", "-p", "-o", "compat=1.1", "nosuch.qcow2"]);
+    assert_outputs_equal(&ours, &theirs, &|s| s.to_string());
+}
