@@ -446,9 +446,12 @@ fn amend_matches_qemu() {
     both(d, "d.qcow2", &["amend", "-o", "compat=0.10", "IMG"]);
 }
 
-/// Every persistent bitmap of a qcow2 file, read straight from its directory: name,
-/// flags, and the set bits as runs `(first, count)` over the bits the virtual size needs.
-fn stored_bitmaps(p: &Path) -> Vec<(String, u32, Vec<(u64, u64)>)> {
+/// A stored bitmap: name, flags, and its set bits as runs `(first, count)`.
+type StoredBitmap = (String, u32, Vec<(u64, u64)>);
+
+/// Every persistent bitmap of a qcow2 file, read straight from its directory, with the
+/// bits the virtual size needs.
+fn stored_bitmaps(p: &Path) -> Vec<StoredBitmap> {
     let d = std::fs::read(p).unwrap();
     let u = |at: usize, n: usize| d[at..at + n].iter().fold(0u64, |x, &b| x << 8 | b as u64);
     let cs = 1u64 << u(20, 4);

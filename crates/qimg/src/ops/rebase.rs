@@ -190,7 +190,7 @@ fn write_back(
         while p < end {
             let q_end = ((p / cs + 1) * cs).min(end);
             let piece = &data[(p - at) as usize..(q_end - at) as usize];
-            if p % cs == 0 && (q_end - p == cs || q_end == img.len()) {
+            if p.is_multiple_of(cs) && (q_end - p == cs || q_end == img.len()) {
                 q.write_compressed(piece, p)?;
             } else {
                 img.write_at(piece, p)?;
