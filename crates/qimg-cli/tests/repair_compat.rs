@@ -617,3 +617,32 @@ fn repair_overhanging_snapshots() {
         assert_files_equal(&cwd.join("rq").join(img), &cwd.join("rt").join(img));
     }
 }
+
+#[test]
+fn repair_snapshot_table_needs_a_new_refcount_block() {
+    // 512-byte clusters, the file ending exactly where the only refcount block's reach
+    // ends: the rewritten table goes past it and needs a new block, placed where QEMU's
+    // allocator puts it.
+    let t = Tmp::new("rep_snaptable_block");
+    let cwd = t.path();
+    mk(cwd, "cluster_size=512", "c.qcow2", "1M");
+    io(cwd, "qcow2", "c.qcow2", &["write -P 1 0 60k"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "a", "c.qcow2"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "b", "c.qcow2"]);
+    let writes: Vec<String> = (0..124)
+        .map(|i| format!("write -P 3 {} 512", 61440 + i * 512))
+        .collect();
+    let w: Vec<&str> = writes.iter().map(String::as_str).collect();
+    io(cwd, "qcow2", "c.qcow2", &w);
+    keep_pristine(cwd, "c.qcow2");
+    let p = cwd.join("c.qcow2");
+    let end = qemu_img(cwd, ["check", "c.qcow2"]).ok().stdout;
+    assert!(end.contains("Image end offset: 131072"), "{end}");
+    let mut s = read_snapshots(&p);
+    s[0].extra.clear();
+    write_snapshots(&p, &s, None, None);
+    repair_same(cwd, "c.qcow2", "all", After::Same);
+    assert_files_equal(&cwd.join("rq/c.qcow2"), &cwd.join("rt/c.qcow2"));
+    let after = qemu_img(cwd, ["check", "rt/c.qcow2"]).ok().stdout;
+    assert!(after.contains("Image end offset: 132096"), "{after}");
+}
