@@ -591,3 +591,17 @@ fn amend_progress_matches_qemu() {
     let theirs = qemu_img(d, ["amend", "-p", "-o", "compat=1.1", "nosuch.qcow2"]);
     assert_outputs_equal(&ours, &theirs, &|s| s.to_string());
 }
+
+#[test]
+fn snapshot_apply_refused_with_bitmaps() {
+    // qemu-img refuses to revert an image that has persistent bitmaps, enabled or not.
+    let t = Tmp::new("snap_apply_bitmaps");
+    let d = t.path();
+    mk(d, "compat=1.1", "b.qcow2", "2M");
+    qemu_img_ok(d, &["snapshot", "-c", "s", "b.qcow2"]);
+    qemu_img_ok(d, &["bitmap", "--add", "b.qcow2", "bm"]);
+    both(d, "b.qcow2", &["snapshot", "-a", "s", "IMG"]);
+    both(d, "b.qcow2", &["snapshot", "-a", "nosuch", "IMG"]);
+    qemu_img_ok(d, &["bitmap", "--disable", "b.qcow2", "bm"]);
+    both(d, "b.qcow2", &["snapshot", "-a", "1", "IMG"]);
+}
