@@ -51,6 +51,7 @@ use super::check::{
 use super::{Qcow2, Qcow2Options};
 use crate::error::{Error, Result};
 use crate::ondisk::header::incompat;
+use crate::ondisk::snapshot::Snapshot;
 use crate::ondisk::{put32, put64, refcount};
 use crate::storage::Storage;
 use std::collections::HashSet;
@@ -510,40 +511,29 @@ fn alloc(
     Ok(start)
 }
 
-/// The entry as QEMU writes it: at least 24 bytes of extra data (VM state size, disk
-/// size, icount), fields missing from the stored entry filled in as QEMU fills them
-/// when it reads one (the current disk size, icount -1), unknown extra data kept.
+/// The entry as QEMU writes it back: fields missing from the stored extra data filled in
+/// as QEMU fills them when it reads an entry (the current disk size, icount -1), unknown
+/// extra data kept, ID and name byte for byte.
 fn serialize_snapshot(e: &SnapInfo, disk_size: u64, out: &mut Vec<u8>) {
     let ex = &e.extra;
     let word = |at: usize| {
         (ex.len() >= at + 8).then(|| u64::from_be_bytes(ex[at..at + 8].try_into().unwrap()))
     };
-    let vm_state = word(0).unwrap_or(e.vm_state_size32 as u64);
-    let start = out.len();
-    let extra_len = ex.len().max(24);
-    out.resize(start + 40 + extra_len, 0);
-    let b = &mut out[start..];
-    put64(b, 0, e.l1_table_offset);
-    put32(b, 8, e.l1_size);
-    b[12..14].copy_from_slice(&(e.id.len() as u16).to_be_bytes());
-    b[14..16].copy_from_slice(&(e.name.len() as u16).to_be_bytes());
-    put32(b, 16, e.date_sec);
-    put32(b, 20, e.date_nsec);
-    put64(b, 24, e.vm_clock_nsec);
-    // A VM state too large for the old 32-bit field is recorded there as 0, so older
-    // readers see a disk-only snapshot rather than a truncated size.
-    put32(b, 32, u32::try_from(vm_state).unwrap_or(0));
-    put32(b, 36, extra_len as u32);
-    if ex.len() > 24 {
-        b[64..40 + ex.len()].copy_from_slice(&ex[24..]);
-    }
-    put64(b, 40, vm_state);
-    put64(b, 48, word(8).unwrap_or(disk_size));
-    put64(b, 56, word(16).unwrap_or(u64::MAX));
-    out.extend_from_slice(&e.id);
-    out.extend_from_slice(&e.name);
-    let padded = (out.len() - start).next_multiple_of(8);
-    out.resize(start + padded, 0);
+    let s = Snapshot {
+        l1_table_offset: e.l1_table_offset,
+        l1_size: e.l1_size,
+        id: String::new(),
+        name: String::new(),
+        date_sec: e.date_sec,
+        date_nsec: e.date_nsec,
+        vm_clock_nsec: e.vm_clock_nsec,
+        vm_state_size: word(0).unwrap_or(e.vm_state_size32 as u64),
+        disk_size: Some(word(8).unwrap_or(disk_size)),
+        icount: word(16).filter(|&v| v != u64::MAX),
+        unknown_extra: ex.get(24..).unwrap_or_default().to_vec(),
+        extra_data_size: 0,
+    };
+    s.serialize_with_names(&e.id, &e.name, out);
 }
 
 /// Writes the snapshot table anew after `-r all` fixed entries while reading it, where

@@ -547,19 +547,12 @@ impl Qcow2 {
         };
         drop(g);
         let io = self.file.write_at(&packed, host);
+        let entry = l2::COMPRESSED | CompressedDesc::encode(host, len, self.cluster_bits);
         let mut g = self.ws.lock().unwrap();
-        let r = io.and_then(|()| {
-            let st = g.as_mut().unwrap();
-            let e = l2::COMPRESSED | CompressedDesc::encode(host, len, self.cluster_bits);
-            self.set_entry(st, gc, e, 0)
-        });
+        let r = io.and_then(|()| self.set_entry(g.as_mut().unwrap(), gc, entry, 0));
         if r.is_err() {
-            let st = g.as_mut().unwrap();
-            let desc = CompressedDesc { offset: host, len };
-            let (a, b) = desc.host_clusters(self.cluster_bits);
-            for c in a..=b {
-                st.refs.free_later(c);
-            }
+            // The references the allocation took go again.
+            self.free_entry(g.as_mut().unwrap(), entry);
         }
         self.release(&mut g, gc);
         drop(g);
