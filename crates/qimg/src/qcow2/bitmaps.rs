@@ -872,12 +872,14 @@ impl Qcow2 {
         }
     }
 
-    /// Prepares the bitmaps for the virtual size to become `size`, before the size
-    /// changes on disk. A bitmap table that must grow is stored anew at the larger size
-    /// first, still `in_use`, because QEMU rejects a directory whose tables do not cover
-    /// the virtual size; tables that shrink stay larger than needed until the close
-    /// stores them, which QEMU accepts.
-    pub(super) fn bm_resize_before(&self, size: u64) -> Result<()> {
+    /// Gives every bitmap the bits a virtual size of `size` bytes needs (see
+    /// [`Bm::truncate`]), to be stored at close. A growing resize calls this before the
+    /// size changes on disk: a bitmap table that must grow is then stored anew at the
+    /// larger size first, still `in_use`, because QEMU rejects a directory whose tables
+    /// do not cover the virtual size. A shrinking resize calls it after the size
+    /// changed (tables larger than needed are accepted), so a resize that fails keeps
+    /// every bit.
+    pub(super) fn bm_resize(&self, size: u64) -> Result<()> {
         let cs = self.cluster_size();
         let grows = {
             let mut set = self.bm.lock().unwrap();
@@ -894,7 +896,7 @@ impl Qcow2 {
             set.changed = true;
             grows
         };
-        if grows {
+        if grows && size > self.header.size {
             self.bm_store_as(size, true)?;
         }
         Ok(())

@@ -82,8 +82,9 @@ impl Qcow2 {
                 "Failed to zero out new clusters: Operation not supported",
             ));
         }
-        // Before anything else changes, so that a failure leaves the image as it was.
-        self.bm_resize_before(size)?;
+        if size > old {
+            self.bm_resize(size)?;
+        }
         self.quiesce()?;
         let file = self.file.clone();
         let file_len = file.len()?;
@@ -197,6 +198,7 @@ impl Qcow2 {
         }
         let used = self.commit(txn, h, l1, None)?;
         if shrinking {
+            self.bm_resize(size)?;
             // The transaction put the new tables past everything the old state used; now
             // that the discarded clusters are free, move those tables down into them.
             let used = if used > file_len {
