@@ -611,6 +611,8 @@ fn repair_overhanging_snapshots() {
     }));
     append("big.qcow2", &big);
     for img in ["many.qcow2", "big.qcow2"] {
+        // A plain open fails with qemu-img's message and hint.
+        assert_same_norm(cwd, &["info", img], &normalize_info_human);
         assert_same(cwd, &["check", img]);
         assert_same(cwd, &["check", "-r", "leaks", img]);
         repair_same_forms(cwd, img, "all", After::Same, &[&[][..]]);
