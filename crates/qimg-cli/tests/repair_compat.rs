@@ -90,7 +90,19 @@ enum After {
 /// Runs `check -r MODE` with every output form on fresh copies through both tools.
 #[track_caller]
 fn repair_same(cwd: &Path, img: &str, mode: &str, after: After) {
-    for form in [&[][..], &["--output=json"][..], &["-q"][..]] {
+    repair_same_forms(
+        cwd,
+        img,
+        mode,
+        after,
+        &[&[][..], &["--output=json"][..], &["-q"][..]],
+    );
+}
+
+/// [`repair_same`] with the given output forms only (large images).
+#[track_caller]
+fn repair_same_forms(cwd: &Path, img: &str, mode: &str, after: After, forms: &[&[&str]]) {
+    for &form in forms {
         let q = cwd.join("rq");
         let t = cwd.join("rt");
         std::fs::create_dir_all(&q).unwrap();
@@ -115,6 +127,12 @@ fn repair_same(cwd: &Path, img: &str, mode: &str, after: After) {
                 "{img} -r {mode}: state after"
             );
             assert_eq!(after_t.code(), after_q.code());
+            let snaps_q = qemu_img(&q, ["snapshot", "-l", img]);
+            let snaps_t = qemu_img(&t, ["snapshot", "-l", img]);
+            assert_eq!(
+                snaps_t.stdout, snaps_q.stdout,
+                "{img} -r {mode}: snapshots after"
+            );
         }
         if ours.code() == Some(0) {
             assert_clean_and_same_data(cwd, &format!("rt/{img}"), img);
@@ -391,4 +409,242 @@ fn repair_usage() {
     // A clean image: nothing to repair, plain result.
     assert_same(cwd, &["check", "-r", "all", "a.qcow2"]);
     assert_same(cwd, &["check", "-r", "all", "--output=json", "a.qcow2"]);
+}
+
+/// One snapshot table entry, raw, for building broken tables.
+#[derive(Clone)]
+struct SnapEntry {
+    l1_offset: u64,
+    l1_size: u32,
+    /// Bytes 16..40 of the entry (dates, VM clock, 32-bit VM state size).
+    times: [u8; 24],
+    extra: Vec<u8>,
+    id: Vec<u8>,
+    name: Vec<u8>,
+}
+
+fn read_snapshots(p: &Path) -> Vec<SnapEntry> {
+    let h = Qcow2Hdr::read(p);
+    let mut pos = h.snapshots_offset;
+    let mut v = Vec::new();
+    for _ in 0..h.nb_snapshots {
+        pos = pos.next_multiple_of(8);
+        let e = read_at(p, pos, 40);
+        let word = |a: usize, n: usize| e[a..a + n].iter().fold(0u64, |x, &b| x << 8 | b as u64);
+        let (id_len, name_len, extra) = (word(12, 2), word(14, 2), word(36, 4));
+        let rest = read_at(p, pos + 40, (extra + id_len + name_len) as usize);
+        let (ex, names) = rest.split_at(extra as usize);
+        v.push(SnapEntry {
+            l1_offset: word(0, 8),
+            l1_size: word(8, 4) as u32,
+            times: e[16..40].try_into().unwrap(),
+            extra: ex.to_vec(),
+            id: names[..id_len as usize].to_vec(),
+            name: names[id_len as usize..].to_vec(),
+        });
+        pos += 40 + extra + id_len + name_len;
+    }
+    v
+}
+
+/// Writes `entries` as the table at `offset` (the current one when `None`) and points
+/// the header at it with `count` entries (their number when `None`).
+fn write_snapshots(p: &Path, entries: &[SnapEntry], offset: Option<u64>, count: Option<u32>) {
+    let at = offset.unwrap_or_else(|| Qcow2Hdr::read(p).snapshots_offset);
+    let mut b = Vec::new();
+    for e in entries {
+        b.extend_from_slice(&e.l1_offset.to_be_bytes());
+        b.extend_from_slice(&e.l1_size.to_be_bytes());
+        b.extend_from_slice(&(e.id.len() as u16).to_be_bytes());
+        b.extend_from_slice(&(e.name.len() as u16).to_be_bytes());
+        b.extend_from_slice(&e.times);
+        let n = b.len();
+        b[n - 4..].copy_from_slice(&(e.extra.len() as u32).to_be_bytes());
+        b.extend_from_slice(&e.extra);
+        b.extend_from_slice(&e.id);
+        b.extend_from_slice(&e.name);
+        b.resize(b.len().next_multiple_of(8), 0);
+    }
+    write_at(p, at, &b);
+    put_be32(p, 60, count.unwrap_or(entries.len() as u32));
+    put_be64(p, 64, at);
+}
+
+/// An image with three snapshots (the second sharing nothing with the active state) and
+/// its pristine copy.
+fn snap_base(cwd: &Path, name: &str, opts: &str) -> PathBuf {
+    let p = mk(cwd, opts, name, "4M");
+    io(cwd, "qcow2", name, &["write -P 1 0 256k"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "s1", name]);
+    io(cwd, "qcow2", name, &["write -P 2 0 64k"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "s2", name]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "s3", name]);
+    keep_pristine(cwd, name);
+    p
+}
+
+/// Derives `name` from `src` with `edit` applied to its snapshot table (written in place).
+fn snap_variant(cwd: &Path, src: &Path, name: &str, edit: impl FnOnce(&mut Vec<SnapEntry>)) {
+    let p = cwd.join(name);
+    std::fs::copy(src, &p).unwrap();
+    std::fs::copy(
+        cwd.join(format!(
+            "{}.orig",
+            src.file_name().unwrap().to_str().unwrap()
+        )),
+        cwd.join(format!("{name}.orig")),
+    )
+    .unwrap();
+    let mut t = read_snapshots(&p);
+    edit(&mut t);
+    write_snapshots(&p, &t, None, None);
+}
+
+#[test]
+fn repair_snapshot_table_entries() {
+    let t = Tmp::new("rep_snaptable");
+    let cwd = t.path();
+    let p = snap_base(cwd, "s.qcow2", "");
+    // v3 entries without the disk size: completed with the current size and icount -1.
+    snap_variant(cwd, &p, "inc.qcow2", |t| {
+        t[0].extra.truncate(8);
+        t[2].extra.clear();
+    });
+    // Too much extra data: cut to 1024 bytes, the known fields kept.
+    snap_variant(cwd, &p, "extra.qcow2", |t| t[1].extra.resize(2000, b'x'));
+    // Unusable L1 tables: QEMU 10.0.2 reports them and frees what only they reference,
+    // but keeps the entries.
+    snap_variant(cwd, &p, "l1una.qcow2", |t| t[1].l1_offset += 0x200);
+    snap_variant(cwd, &p, "l1big.qcow2", |t| t[1].l1_size = 0x40_0001);
+    snap_variant(cwd, &p, "l1eof.qcow2", |t| t[1].l1_offset = 100 << 20);
+    // All at once: the table is written anew where a freed leak was.
+    snap_variant(cwd, &p, "mixed.qcow2", |t| {
+        t[0].l1_offset += 0x200;
+        t[1].extra.clear();
+        t[2].l1_size = 0x40_0001;
+    });
+    for img in [
+        "inc.qcow2",
+        "extra.qcow2",
+        "l1una.qcow2",
+        "l1big.qcow2",
+        "l1eof.qcow2",
+        "mixed.qcow2",
+    ] {
+        assert_same(cwd, &["check", img]);
+        repair_same(cwd, img, "leaks", After::Same);
+        repair_same(cwd, img, "all", After::Same);
+    }
+    // Same bytes as QEMU's repair, new table included.
+    for img in ["inc.qcow2", "extra.qcow2", "mixed.qcow2"] {
+        assert_files_equal(&cwd.join("rq").join(img), &cwd.join("rt").join(img));
+    }
+    let l = qemu_img(cwd, ["snapshot", "-l", "rt/extra.qcow2"]);
+    assert!(l.stdout.contains("s2"), "{}", l.describe());
+    // A table pointer past the end of the file: entries read as zeros, and freeing the
+    // old table fails as in QEMU ("qcow2_free_clusters failed").
+    std::fs::copy(&p, cwd.join("eof.qcow2")).unwrap();
+    std::fs::copy(cwd.join("s.qcow2.orig"), cwd.join("eof.qcow2.orig")).unwrap();
+    put_be64(&cwd.join("eof.qcow2"), 64, 100 << 20);
+    repair_same(cwd, "eof.qcow2", "all", After::Same);
+    // Small clusters and a refcount rebuild in the same repair.
+    let p = snap_base(cwd, "small.qcow2", "cluster_size=512");
+    snap_variant(cwd, &p, "small2.qcow2", |t| t[0].extra.clear());
+    set_refcount(
+        &cwd.join("small2.qcow2"),
+        host_of(&cwd.join("small2.qcow2"), 1) / 512,
+        0,
+    );
+    repair_same(cwd, "small2.qcow2", "all", After::Same);
+    // Opening such images for anything else fails as in QEMU.
+    for img in ["extra.qcow2", "s.qcow2"] {
+        assert_same_norm(cwd, &["info", img], &normalize_info_human);
+    }
+}
+
+#[test]
+fn repair_overhanging_snapshots() {
+    let t = Tmp::new("rep_snapmany");
+    let cwd = t.path();
+    let p = snap_base(cwd, "s.qcow2", "");
+    let orig = read_snapshots(&p);
+    let cs = 65536u64;
+    // Appends `entries` (sharing no clusters) as the table, with refcounts for it, so
+    // that the only problem is the table itself.
+    let append = |name: &str, entries: &[SnapEntry]| {
+        let img = cwd.join(name);
+        std::fs::copy(&p, &img).unwrap();
+        std::fs::copy(cwd.join("s.qcow2.orig"), cwd.join(format!("{name}.orig"))).unwrap();
+        let at = file_len(&img).next_multiple_of(cs);
+        write_snapshots(&img, entries, Some(at), None);
+        for c in at / cs..file_len(&img).div_ceil(cs) {
+            set_refcount(&img, c, 1);
+        }
+    };
+    let tmpl = SnapEntry {
+        l1_offset: 0,
+        l1_size: 0,
+        ..orig[2].clone()
+    };
+    // More than 65536 entries: the header's count is cut, the table stays.
+    let many: Vec<SnapEntry> = (0..65537u32)
+        .map(|i| SnapEntry {
+            id: (i + 1).to_string().into_bytes(),
+            name: format!("n{i}").into_bytes(),
+            ..tmpl.clone()
+        })
+        .collect();
+    append("many.qcow2", &many);
+    // A table over 64 MiB: the entries past the limit go, their clusters leak and are
+    // freed.
+    let mut big = orig.clone();
+    big.extend((0..513u32).map(|i| {
+        let mut id = (i + 10).to_string().into_bytes();
+        id.resize(65535, b'i');
+        let mut name = format!("n{i}").into_bytes();
+        name.resize(65535, b'n');
+        SnapEntry {
+            id,
+            name,
+            ..tmpl.clone()
+        }
+    }));
+    append("big.qcow2", &big);
+    for img in ["many.qcow2", "big.qcow2"] {
+        // A plain open fails with qemu-img's message and hint.
+        assert_same_norm(cwd, &["info", img], &normalize_info_human);
+        assert_same(cwd, &["check", img]);
+        assert_same(cwd, &["check", "-r", "leaks", img]);
+        repair_same_forms(cwd, img, "all", After::Same, &[&[][..]]);
+        assert_files_equal(&cwd.join("rq").join(img), &cwd.join("rt").join(img));
+    }
+}
+
+#[test]
+fn repair_snapshot_table_needs_a_new_refcount_block() {
+    // 512-byte clusters, the file ending exactly where the only refcount block's reach
+    // ends: the rewritten table goes past it and needs a new block, placed where QEMU's
+    // allocator puts it.
+    let t = Tmp::new("rep_snaptable_block");
+    let cwd = t.path();
+    mk(cwd, "cluster_size=512", "c.qcow2", "1M");
+    io(cwd, "qcow2", "c.qcow2", &["write -P 1 0 60k"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "a", "c.qcow2"]);
+    qemu_img_ok(cwd, &["snapshot", "-c", "b", "c.qcow2"]);
+    let writes: Vec<String> = (0..124)
+        .map(|i| format!("write -P 3 {} 512", 61440 + i * 512))
+        .collect();
+    let w: Vec<&str> = writes.iter().map(String::as_str).collect();
+    io(cwd, "qcow2", "c.qcow2", &w);
+    keep_pristine(cwd, "c.qcow2");
+    let p = cwd.join("c.qcow2");
+    let end = qemu_img(cwd, ["check", "c.qcow2"]).ok().stdout;
+    assert!(end.contains("Image end offset: 131072"), "{end}");
+    let mut s = read_snapshots(&p);
+    s[0].extra.clear();
+    write_snapshots(&p, &s, None, None);
+    repair_same(cwd, "c.qcow2", "all", After::Same);
+    assert_files_equal(&cwd.join("rq/c.qcow2"), &cwd.join("rt/c.qcow2"));
+    let after = qemu_img(cwd, ["check", "rt/c.qcow2"]).ok().stdout;
+    assert!(after.contains("Image end offset: 132096"), "{after}");
 }

@@ -66,6 +66,7 @@ fn crash_case(name: &str, opts: &str, size: u64, cs: u64, ops: usize, seed: u64)
         )
         .unwrap();
         let mut rng = Rng(seed);
+        let mut compressed = 0;
         for _ in 0..ops {
             let whole = rng.below(4) == 0 && size >= 4 * cs;
             let len = match rng.below(3) {
@@ -81,7 +82,23 @@ fn crash_case(name: &str, opts: &str, size: u64, cs: u64, ops: usize, seed: u64)
                 rng.below(size - len + 1)
             };
             let start = fs.journal_len();
-            match rng.below(8) {
+            match rng.below(9) {
+                8 => {
+                    // A compressed cluster where the guest cluster is still unallocated
+                    // (compression never overwrites; the call fails otherwise).
+                    let at = off / cs * cs;
+                    let n = cs.min(size - at);
+                    let v = (rng.next() as u8) | 1;
+                    let data: Vec<u8> = (0..n).map(|i| if i % 7 == 0 { v } else { 0x55 }).collect();
+                    if img.write_compressed(&data, at).is_ok() {
+                        compressed += 1;
+                        model[at as usize..(at + n) as usize].copy_from_slice(&data);
+                        guest_ops.push(GuestOp {
+                            journal_start: start,
+                            range: (at, at + n),
+                        });
+                    }
+                }
                 0..=4 => {
                     let v = (rng.next() as u8) | 1;
                     img.write_at(&vec![v; len as usize], off).unwrap();
@@ -124,6 +141,7 @@ fn crash_case(name: &str, opts: &str, size: u64, cs: u64, ops: usize, seed: u64)
                 }
             }
         }
+        assert!(compressed > 0, "{name}: no compressed write happened");
         // No final flush or close: the image is abandoned as a crash would leave it.
         std::mem::forget(img);
     }

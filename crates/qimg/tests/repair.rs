@@ -558,3 +558,70 @@ fn crash_during_rebuild() {
     let p = dirty_image(d.path());
     crash_case(&p, RepairMode::All, 5);
 }
+
+/// Cuts the extra data of the last snapshot table entry to `keep` bytes (moving its ID
+/// and name up), making a v3 entry incomplete when `keep < 16`.
+fn shorten_last_snapshot_extra(p: &Path, keep: usize) {
+    let mut d = std::fs::read(p).unwrap();
+    let be16 = |d: &[u8], at: usize| u16::from_be_bytes(d[at..at + 2].try_into().unwrap()) as usize;
+    let be32 = |d: &[u8], at: usize| u32::from_be_bytes(d[at..at + 4].try_into().unwrap()) as usize;
+    let n = be32(&d, 60);
+    let mut pos = r64(p, 64) as usize;
+    for _ in 0..n - 1 {
+        pos = (pos + 40 + be32(&d, pos + 36) + be16(&d, pos + 12) + be16(&d, pos + 14))
+            .next_multiple_of(8);
+    }
+    let extra = be32(&d, pos + 36);
+    let names = be16(&d, pos + 12) + be16(&d, pos + 14);
+    let tail: Vec<u8> = d[pos + 40 + extra..pos + 40 + extra + names].to_vec();
+    d[pos + 36..pos + 40].copy_from_slice(&(keep as u32).to_be_bytes());
+    d[pos + 40 + keep..pos + 40 + keep + names].copy_from_slice(&tail);
+    std::fs::write(p, d).unwrap();
+}
+
+#[test]
+fn snapshot_table_repair() {
+    let d = tmp();
+    let p = base(d.path(), "st.qcow2", "cluster_size=4096");
+    run("qemu-img", &["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    io(&p, &["write -P 5 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s2", p.to_str().unwrap()]);
+    let listed = run("qemu-img", &["snapshot", "-l", p.to_str().unwrap()]);
+    shorten_last_snapshot_extra(&p, 8);
+    set_refcount(&p, 0, 2);
+    let (code, lines) = qemu_check(&p);
+    assert_eq!(code, 2);
+    assert!(lines.contains(&"ERROR snapshot table entry 1 is incomplete".to_string()));
+    // -r leaks leaves the entry alone.
+    let q = d.path().join("leaks.qcow2");
+    std::fs::copy(&p, &q).unwrap();
+    let rep = repair_file(&q, RepairMode::Leaks);
+    assert_eq!(rep.exit_code(), 2, "{rep:#?}");
+    let rep = repair_ok(&p, RepairMode::All, 0);
+    assert_eq!(rep.corruptions_fixed(), 1, "{rep:#?}");
+    crash_case(&p, RepairMode::All, 6);
+    let q = d.path().join("all.qcow2");
+    std::fs::copy(&p, &q).unwrap();
+    repair_file(&q, RepairMode::All);
+    // Same snapshots; the completed entry records no icount ("--").
+    let after = run("qemu-img", &["snapshot", "-l", q.to_str().unwrap()]);
+    let want = listed
+        .lines()
+        .map(|l| {
+            if l.starts_with("2 ") {
+                format!(
+                    "{}--",
+                    l.trim_end()
+                        .strip_suffix('0')
+                        .unwrap()
+                        .strip_suffix(' ')
+                        .unwrap()
+                )
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(after.trim_end(), want.trim_end());
+}

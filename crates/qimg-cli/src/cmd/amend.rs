@@ -61,7 +61,9 @@ pub struct AmendOpts {
     pub options: OptionList,
     /// `-t`: cache mode.
     pub cache: Option<String>,
-    /// `--force`: allow unsafe changes.
+    /// `--force`: allow unsafe changes. QEMU only uses it for encryption key slot
+    /// changes, which qimg does not support, so it changes nothing, as for qemu-img on
+    /// unencrypted images.
     pub force: bool,
     /// `-p`.
     pub progress: bool,
@@ -169,11 +171,35 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
+/// Why `-o` could not be turned into library options: the message, and whether
+/// qemu-img finds out only inside the driver (after its first progress report) rather
+/// than while parsing the options.
+struct OptError {
+    msg: String,
+    in_driver: bool,
+}
+
+impl From<String> for OptError {
+    fn from(msg: String) -> OptError {
+        OptError {
+            msg,
+            in_driver: false,
+        }
+    }
+}
+
+fn driver_error(msg: &str) -> OptError {
+    OptError {
+        msg: msg.to_string(),
+        in_driver: true,
+    }
+}
+
 /// Turns `-o` pairs into library options, with qemu-img's messages.
 fn amend_options(
     o: &AmendOpts,
     h: &qimg::ondisk::header::Header,
-) -> Result<qimg::qcow2::amend::AmendOptions, String> {
+) -> Result<qimg::qcow2::amend::AmendOptions, OptError> {
     let mut a = qimg::qcow2::amend::AmendOptions::default();
     for (k, v) in o.options.pairs() {
         match k.as_str() {
@@ -181,7 +207,7 @@ fn amend_options(
                 a.version = Some(match v.as_str() {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    _ => return Err(format!("Unknown compatibility level {v}")),
+                    _ => return Err(driver_error(&format!("Unknown compatibility level {v}"))),
                 })
             }
             "lazy_refcounts" => a.lazy_refcounts = Some(parse_bool(&k, &v)?),
@@ -199,42 +225,54 @@ fn amend_options(
             }
             "data_file_raw" => {
                 if parse_bool(&k, &v)? {
-                    return Err("data-file-raw cannot be set on existing images".into());
+                    return Err(driver_error(
+                        "data-file-raw cannot be set on existing images",
+                    ));
                 }
                 a.clear_data_file_raw = true;
             }
             "data_file" => a.data_file = Some(v),
             "backing_file" => {
                 if h.backing_file.as_deref() != Some(v.as_str()) {
-                    return Err(
-                        "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead."
-                            .into(),
-                    );
+                    return Err(driver_error(
+                        "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
+                    ));
                 }
             }
             "backing_fmt" => {
                 if h.backing_format.as_deref() != Some(v.as_str()) {
-                    return Err(
-                        "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead."
-                            .into(),
-                    );
+                    return Err(driver_error(
+                        "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
+                    ));
                 }
             }
             k if CREATE_ONLY.contains(&k) => {
                 return Err(format!(
                     "Invalid parameter '{k}'\nThis option is only supported for image creation"
-                ))
+                )
+                .into())
             }
             k if k.starts_with("encrypt.") => {
-                return Err("Amending encryption options is not supported by qimg".into())
+                return Err("Amending encryption options is not supported by qimg"
+                    .to_string()
+                    .into())
             }
-            k => return Err(format!("Invalid parameter '{k}'")),
+            k => return Err(format!("Invalid parameter '{k}'").into()),
         }
     }
     Ok(a)
 }
 
 fn amend_cmd(ctx: &Ctx, o: &AmendOpts) -> i32 {
+    // qemu-img sets its progress printer up before opening the image, so every exit
+    // from here on ends the progress line.
+    let mut progress = QemuProgress::new(o.progress && !o.quiet);
+    let code = amend_image(ctx, o, &mut progress);
+    progress.end();
+    code
+}
+
+fn amend_image(ctx: &Ctx, o: &AmendOpts, progress: &mut QemuProgress) -> i32 {
     use crate::cmd::common::{image_spec, open_owned_rw};
     use qimg::open::OwnedImage;
     let (filename, format) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
@@ -259,14 +297,129 @@ fn amend_cmd(ctx: &Ctx, o: &AmendOpts) -> i32 {
         crate::ctx::print_ignore(QCOW2_AMEND_HELP);
         return 0;
     }
-    let r = amend_options(o, q.header())
-        .and_then(|a| q.amend(&a).map_err(|e| e.to_string()))
-        .and_then(|()| q.close().map_err(|e| e.to_string()));
+    let r = match amend_options(o, q.header()) {
+        Err(e) if !e.in_driver => Err(e.msg),
+        Err(e) => {
+            progress.print(0.0);
+            progress.print(100.0);
+            Err(e.msg)
+        }
+        Ok(a) => {
+            progress.print(0.0);
+            let steps = AmendSteps::plan(&q, &a);
+            let r = q.amend(&a).map_err(|e| e.to_string());
+            if r.is_ok() {
+                steps.report(progress);
+            }
+            progress.print(100.0);
+            r.and_then(|()| q.close().map_err(|e| e.to_string()))
+        }
+    };
     match r {
         Ok(()) => 0,
         Err(m) => {
             ctx.error(&m);
             1
+        }
+    }
+}
+
+/// qemu-img's progress printer: `    (P/100%)\r` lines, redrawn when the value moved by
+/// more than one point either way or reached 0 or 100, in single precision as QEMU
+/// computes it (so the same values are printed).
+struct QemuProgress {
+    enabled: bool,
+    last: f32,
+}
+
+impl QemuProgress {
+    fn new(enabled: bool) -> QemuProgress {
+        QemuProgress { enabled, last: 0.0 }
+    }
+
+    fn print(&mut self, value: f32) {
+        let current = value.min(100.0);
+        if current > self.last + 1.0
+            || current < self.last - 1.0
+            || current == 100.0
+            || current == 0.0
+        {
+            self.last = current;
+            if self.enabled {
+                crate::ctx::print_ignore(&format!("    ({:.2}/100%)\r", current as f64));
+            }
+        }
+    }
+
+    /// A driver status report: `offset` of `total` units of work done.
+    fn status(&mut self, offset: i64, total: i64) {
+        self.print(100f32 * offset as f32 / total as f32);
+    }
+
+    fn end(&self) {
+        if self.enabled {
+            crate::ctx::print_ignore("\n");
+        }
+    }
+}
+
+/// One amend operation QEMU reports progress for, with its units of work.
+#[derive(Clone, Copy)]
+enum Step {
+    /// v2 to v3: two units (snapshot table, header).
+    Upgrade,
+    /// Refcount width change: three walks over a refcount table of this many entries.
+    RefcountWidth(i64),
+    /// v3 to v2: one unit per L1 entry of the active and snapshot tables.
+    Downgrade(i64),
+}
+
+/// The progress reports `qemu-img amend -p` prints for an amendment: QEMU's operations,
+/// their status reports, and how its amend helper scales them into one 0–100 range (each
+/// operation's total is projected onto the ones still to come).
+struct AmendSteps(Vec<Step>);
+
+impl AmendSteps {
+    fn plan(q: &qimg::qcow2::Qcow2, a: &qimg::qcow2::amend::AmendOptions) -> AmendSteps {
+        let h = q.header();
+        let old_version = h.version;
+        let new_version = a.version.unwrap_or(old_version);
+        let old_bits = 1u32 << h.refcount_order;
+        let mut steps = Vec::new();
+        if new_version > old_version {
+            steps.push(Step::Upgrade);
+        }
+        if a.refcount_bits.is_some_and(|b| b != old_bits) {
+            let entries = h.refcount_table_clusters as i64 * (h.cluster_size() as i64 / 8);
+            steps.push(Step::RefcountWidth(entries));
+        }
+        if new_version < old_version {
+            let l1: i64 =
+                h.l1_size as i64 + q.snapshots().iter().map(|s| s.l1_size as i64).sum::<i64>();
+            steps.push(Step::Downgrade(l1));
+        }
+        AmendSteps(steps)
+    }
+
+    fn report(&self, p: &mut QemuProgress) {
+        let total_ops = self.0.len() as i64;
+        let mut done_ops = 0i64;
+        let mut offset_done = 0i64;
+        for (i, step) in self.0.iter().enumerate() {
+            let (first, work) = match *step {
+                Step::Upgrade => (0, 2),
+                Step::RefcountWidth(n) => (0, 3 * n),
+                Step::Downgrade(n) => (1, n),
+            };
+            if i > 0 {
+                done_ops += 1;
+            }
+            let current = offset_done + work;
+            let projected = current * (total_ops - done_ops - 1) / (done_ops + 1);
+            for k in first..=work {
+                p.status(offset_done + k, current + projected);
+            }
+            offset_done += work;
         }
     }
 }

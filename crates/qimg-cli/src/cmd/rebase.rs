@@ -171,10 +171,6 @@ fn rebase_cmd(ctx: &Ctx, o: &RebaseOpts) -> i32 {
             }
         }
     }
-    if o.compress {
-        ctx.error("rebase -c is not implemented in qimg yet");
-        return 1;
-    }
     let (file, fmt) = match image_spec(ctx, &o.filename, o.format.clone(), o.image_opts) {
         Ok(x) => x,
         Err(c) => return c,
@@ -237,6 +233,7 @@ fn rebase_cmd(ctx: &Ctx, o: &RebaseOpts) -> i32 {
         };
         let ropts = RebaseOptions {
             progress: Some(&cb),
+            compress: o.compress,
         };
         let old = img.backing().cloned();
         let cs = img.cluster_size();

@@ -250,9 +250,14 @@ fn resize_cmd(ctx: &Ctx, o: &ResizeOpts) -> i32 {
                 Prealloc::Falloc => qimg::qcow2::resize::Prealloc::Falloc,
                 Prealloc::Full => qimg::qcow2::resize::Prealloc::Full,
             };
-            q.resize(total, p)
-                .and_then(|()| q.close())
-                .map_err(|e| e.to_string())
+            q.resize(total, p).and_then(|()| q.close()).map_err(|e| {
+                let m = e.to_string();
+                if m.ends_with("is inconsistent and cannot be used") {
+                    format!("{m}\nTry block-dirty-bitmap-remove to delete this bitmap from disk")
+                } else {
+                    m
+                }
+            })
         }
         OwnedImage::Other(img) => resize_raw(img.as_ref(), total, prealloc),
     };

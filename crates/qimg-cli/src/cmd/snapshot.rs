@@ -247,6 +247,10 @@ fn change(ctx: &Ctx, o: &SnapshotOpts, filename: &str, format: Option<String>) -
             q.snapshot_create(n, (now.as_secs() as u32, now.subsec_nanos()))
                 .map_err(|e| format!("Could not create snapshot '{n}': {}", errno_text(&e)))
         }
+        // The block layer refuses this before the driver looks for the snapshot.
+        SnapshotAction::Apply(n) if !q.bitmap_list().is_empty() => Err(format!(
+            "Could not apply snapshot '{n}': Device has active dirty bitmaps"
+        )),
         SnapshotAction::Apply(n) => q.snapshot_apply(n).map_err(|e| {
             format!(
                 "Could not apply snapshot '{n}': Failed to load snapshot: {}",

@@ -88,14 +88,21 @@ impl Snapshot {
 
     /// Serializes the entry as QEMU writes it (extra data of at least 24 bytes).
     pub fn serialize(&self, out: &mut Vec<u8>) {
+        self.serialize_with_names(self.id.as_bytes(), self.name.as_bytes(), out);
+    }
+
+    /// [`Snapshot::serialize`] with the ID and name given as raw bytes (a table rewritten
+    /// by a repair keeps them byte for byte, even when they are not UTF-8); `self.id`
+    /// and `self.name` are ignored.
+    pub fn serialize_with_names(&self, id: &[u8], name: &[u8], out: &mut Vec<u8>) {
         let extra = 24 + self.unknown_extra.len();
         let start = out.len();
         out.resize(start + 40 + extra, 0);
         let b = &mut out[start..];
         put64(b, 0, self.l1_table_offset);
         put32(b, 8, self.l1_size);
-        put16(b, 12, self.id.len() as u16);
-        put16(b, 14, self.name.len() as u16);
+        put16(b, 12, id.len() as u16);
+        put16(b, 14, name.len() as u16);
         put32(b, 16, self.date_sec);
         put32(b, 20, self.date_nsec);
         put64(b, 24, self.vm_clock_nsec);
@@ -113,8 +120,8 @@ impl Snapshot {
         put64(b, 48, self.disk_size.unwrap_or(0));
         put64(b, 56, self.icount.unwrap_or(u64::MAX));
         b[64..64 + self.unknown_extra.len()].copy_from_slice(&self.unknown_extra);
-        out.extend_from_slice(self.id.as_bytes());
-        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(name);
         let padded = (out.len() - start).div_ceil(8) * 8;
         out.resize(start + padded, 0);
     }

@@ -19,6 +19,9 @@ use crate::image::{chain_status, Image};
 pub struct RebaseOptions<'a> {
     /// Called with (bytes done, bytes total) as the walk advances.
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    /// Write the copied clusters compressed (`rebase -c`; qcow2 images only). Pieces
+    /// that are not whole clusters are written uncompressed.
+    pub compress: bool,
 }
 
 impl std::fmt::Debug for RebaseOptions<'_> {
@@ -94,7 +97,7 @@ pub fn rebase_copy(
                 return Err(Error::Corrupt(format!("empty block status at {p}")));
             }
             if !e.status.allocated {
-                written += copy_run(img, old, new, p, n, cs, &mut a, &mut b)?;
+                written += copy_run(img, old, new, p, n, cs, opts.compress, &mut a, &mut b)?;
             }
             p += n;
         }
@@ -109,7 +112,7 @@ pub fn rebase_copy(
 
 /// Handles one unallocated run `[start, start+len)` lying within one step: both sides
 /// are read once, compared cluster by cluster, and consecutive differing clusters are
-/// written with one request.
+/// written with one request (one per cluster when compressing).
 #[allow(clippy::too_many_arguments)]
 fn copy_run(
     img: &dyn Image,
@@ -118,6 +121,7 @@ fn copy_run(
     start: u64,
     len: u64,
     cs: u64,
+    compress: bool,
     a: &mut [u8],
     b: &mut [u8],
 ) -> Result<u64> {
@@ -140,20 +144,59 @@ fn copy_run(
             run = Some(p);
         }
         if let (false, Some(r)) = (differ, run) {
-            written += write_back(img, old.is_none(), &a[(r - start) as usize..i], r)?;
+            written += write_back(
+                img,
+                old.is_none(),
+                compress,
+                cs,
+                &a[(r - start) as usize..i],
+                r,
+            )?;
             run = None;
         }
         p = q;
     }
     if let Some(r) = run {
-        written += write_back(img, old.is_none(), &a[(r - start) as usize..n], r)?;
+        written += write_back(
+            img,
+            old.is_none(),
+            compress,
+            cs,
+            &a[(r - start) as usize..n],
+            r,
+        )?;
     }
     Ok(written)
 }
 
-fn write_back(img: &dyn Image, no_old: bool, data: &[u8], at: u64) -> Result<u64> {
+fn write_back(
+    img: &dyn Image,
+    no_old: bool,
+    compress: bool,
+    cs: u64,
+    data: &[u8],
+    at: u64,
+) -> Result<u64> {
     if no_old {
         img.write_zeroes(at, data.len() as u64, false)?;
+    } else if compress {
+        let q = img
+            .as_any()
+            .downcast_ref::<crate::qcow2::Qcow2>()
+            .ok_or_else(|| Error::unsupported("Compression not supported"))?;
+        // Whole clusters (and the image's last, partial one) go compressed, one by one.
+        let end = at + data.len() as u64;
+        let mut p = at;
+        while p < end {
+            let q_end = ((p / cs + 1) * cs).min(end);
+            let piece = &data[(p - at) as usize..(q_end - at) as usize];
+            if p.is_multiple_of(cs) && (q_end - p == cs || q_end == img.len()) {
+                q.write_compressed(piece, p)?;
+            } else {
+                img.write_at(piece, p)?;
+            }
+            p = q_end;
+        }
     } else {
         img.write_at(data, at)?;
     }

@@ -41,6 +41,9 @@ pub(crate) struct Refcounts {
     run_hint: (u64, u64),
     pending_free: Vec<u64>,
     gen: u64,
+    /// Where the next compressed cluster may start, inside a partly used host cluster
+    /// (0: none), so compressed clusters are packed at byte granularity as QEMU packs them.
+    free_byte: u64,
     /// Host clusters holding refcount blocks (for overlap checks).
     pub(crate) block_clusters: std::collections::HashSet<u64>,
 }
@@ -84,6 +87,7 @@ impl Refcounts {
             run_hint: (0, 0),
             pending_free: Vec::new(),
             gen: 0,
+            free_byte: 0,
         })
     }
 
@@ -372,6 +376,50 @@ impl Refcounts {
             self.run_hint = (start + n, n);
         }
         Ok(start << self.cluster_bits)
+    }
+
+    /// Allocates `size` bytes (less than a cluster) for a compressed cluster, QEMU's way:
+    /// right after the previous compressed cluster when it fits there or the next host
+    /// cluster is free, else at the start of a new cluster. Every host cluster the bytes
+    /// touch gains one reference. Returns the byte offset.
+    pub(crate) fn alloc_bytes(&mut self, file: &dyn Storage, size: u64) -> Result<u64> {
+        let cs = self.cs();
+        let mut offset = self.free_byte;
+        if offset != 0 {
+            // A cluster freed or full since cannot take more.
+            let v = self.get(file, offset >> self.cluster_bits)?;
+            if v == 0 || v >= rc::max(self.order) {
+                offset = 0;
+            }
+        }
+        let free_in_cluster = if offset == 0 {
+            0
+        } else {
+            cs - (offset & (cs - 1))
+        };
+        if offset == 0 || free_in_cluster < size {
+            let new = self.alloc(file, 1)?;
+            if offset == 0 || offset.next_multiple_of(cs) != new {
+                offset = new;
+            } else {
+                self.add_one(file, offset >> self.cluster_bits)?;
+            }
+        } else {
+            self.add_one(file, offset >> self.cluster_bits)?;
+        }
+        self.free_byte = offset + size;
+        if self.free_byte & (cs - 1) == 0 {
+            self.free_byte = 0;
+        }
+        Ok(offset)
+    }
+
+    fn add_one(&mut self, file: &dyn Storage, c: u64) -> Result<()> {
+        let v = self.get(file, c)?;
+        if v >= rc::max(self.order) {
+            return Err(Error::InvalidArgument("Refcount overflow".into()));
+        }
+        self.set(file, c, v + 1)
     }
 
     /// Captures dirty blocks for writing.

@@ -71,7 +71,8 @@ impl Qcow2 {
         }
         if let Some(bits) = o.refcount_bits {
             if bits != self.header.refcount_bits() {
-                if version < 3 {
+                // Going back to 16 bits on the way to v2 is what a downgrade needs.
+                if version < 3 && bits != 16 {
                     return Err(Error::InvalidArgument("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into()));
                 }
                 self.change_refcount_order(bits.trailing_zeros())?;

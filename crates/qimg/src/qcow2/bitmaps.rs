@@ -82,6 +82,9 @@ struct Bm {
     disk: Option<DiskTable>,
     /// Whether chunks missing from `mem` come from `disk` (false after a clear).
     use_disk: bool,
+    /// Chunks at or past this index are never read from `disk` (a shrink cut them off,
+    /// and a later grow must find zeros there).
+    disk_limit: u64,
     mem: BTreeMap<u64, Chunk>,
     /// Bits or flags changed since the last store (else the stored table is kept).
     modified: bool,
@@ -144,7 +147,7 @@ impl Bm {
     /// Brings chunk `c` into memory if it is stored on disk; returns nothing when the
     /// chunk is all zeros.
     fn load(&mut self, file: &dyn Storage, cs: u64, c: u64) -> Result<()> {
-        if self.mem.contains_key(&c) || !self.use_disk {
+        if self.mem.contains_key(&c) || !self.use_disk || c >= self.disk_limit {
             return Ok(());
         }
         let Some(t) = &self.disk else { return Ok(()) };
@@ -257,6 +260,32 @@ impl Bm {
         Ok(Some(out))
     }
 
+    /// Gives the bitmap `nbits` bits, as QEMU does on a resize: bits past the old end
+    /// read as clear after a grow, bits past the new end are gone after a shrink.
+    fn truncate(&mut self, file: &dyn Storage, cs: u64, nbits: u64) -> Result<()> {
+        let cb = Self::chunk_bits(cs);
+        let keep = nbits.min(self.nbits);
+        if !keep.is_multiple_of(cb) {
+            let c = keep / cb;
+            self.load(file, cs, c)?;
+            match self.mem.get_mut(&c) {
+                Some(Chunk::Bytes(b)) => clear_from(b, keep % cb),
+                Some(chunk @ Chunk::Ones) => {
+                    let mut b = vec![0xffu8; cs as usize].into_boxed_slice();
+                    clear_from(&mut b, keep % cb);
+                    *chunk = Chunk::Bytes(b);
+                }
+                None => {}
+            }
+        }
+        let first_gone = keep.div_ceil(cb);
+        self.mem.retain(|&c, _| c < first_gone);
+        self.disk_limit = self.disk_limit.min(first_gone);
+        self.nbits = nbits;
+        self.modified = true;
+        Ok(())
+    }
+
     /// Host clusters the stored table and its data occupy.
     fn disk_clusters(&self, cs: u64) -> Vec<u64> {
         let Some(t) = &self.disk else {
@@ -343,6 +372,7 @@ pub(crate) fn load(file: &dyn Storage, h: &Header, entries: &[BitmapEntry]) -> R
             nbits,
             disk: None,
             use_disk: true,
+            disk_limit: u64::MAX,
             mem: BTreeMap::new(),
             modified: false,
             entry: Some(e.clone()),
@@ -543,6 +573,7 @@ impl Qcow2 {
             nbits: self.header.size.div_ceil(granularity),
             disk: None,
             use_disk: false,
+            disk_limit: u64::MAX,
             mem: BTreeMap::new(),
             modified: true,
             entry: None,
@@ -698,6 +729,13 @@ impl Qcow2 {
 
     /// Writes the bitmaps back (module docs). Runs at close; a no-op when nothing changed.
     pub(super) fn bm_store(&self) -> Result<()> {
+        self.bm_store_as(self.header.size, false)
+    }
+
+    /// Stores the bitmaps with tables sized for a virtual size of `size` bytes, marked
+    /// `in_use` when `in_use` (their bits stay untrusted on disk, and the set must be
+    /// stored again at close).
+    fn bm_store_as(&self, size: u64, in_use: bool) -> Result<()> {
         let mut set = self.bm.lock().unwrap();
         if !set.changed || self.ws.lock().unwrap().is_none() {
             return Ok(());
@@ -730,8 +768,11 @@ impl Qcow2 {
                 continue;
             }
             e.flags = if b.enabled { FLAG_AUTO } else { 0 };
+            if in_use {
+                e.flags |= FLAG_IN_USE;
+            }
             if b.modified || b.disk.is_none() {
-                let tsize = bitmap::table_size_for(self.header.size, b.granularity_bits, cs);
+                let tsize = bitmap::table_size_for(size, b.granularity_bits, cs);
                 let mut table = vec![0u8; (tsize * 8) as usize];
                 for c in 0..tsize {
                     if let Some(data) = b.stored_chunk(file, cs, c)? {
@@ -810,14 +851,54 @@ impl Qcow2 {
             if let Some(t) = t {
                 b.disk = Some(t);
                 b.use_disk = true;
+                b.disk_limit = u64::MAX;
                 b.mem.clear();
             }
             b.modified = false;
             b.entry = Some(e);
         }
         set.dir = new_dir;
-        set.changed = false;
-        set.marked = false;
+        set.changed = in_use;
+        set.marked = in_use;
+        Ok(())
+    }
+
+    /// Refuses a resize QEMU refuses: an inconsistent bitmap cannot be resized.
+    pub(super) fn bm_resize_check(&self) -> Result<()> {
+        let set = self.bm.lock().unwrap();
+        match set.list.iter().find(|b| b.inconsistent) {
+            Some(b) => Err(Error::InvalidArgument(inconsistent_msg(&b.name))),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives every bitmap the bits a virtual size of `size` bytes needs (see
+    /// [`Bm::truncate`]), to be stored at close. A growing resize calls this before the
+    /// size changes on disk: a bitmap table that must grow is then stored anew at the
+    /// larger size first, still `in_use`, because QEMU rejects a directory whose tables
+    /// do not cover the virtual size. A shrinking resize calls it after the size
+    /// changed (tables larger than needed are accepted), so a resize that fails keeps
+    /// every bit.
+    pub(super) fn bm_resize(&self, size: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let grows = {
+            let mut set = self.bm.lock().unwrap();
+            if set.list.is_empty() {
+                return Ok(());
+            }
+            let file = self.bm_file();
+            let mut grows = false;
+            for b in set.list.iter_mut() {
+                let have = b.disk.as_ref().map(|t| t.size as u64).unwrap_or(0);
+                grows |= bitmap::table_size_for(size, b.granularity_bits, cs) > have;
+                b.truncate(file, cs, size.div_ceil(1 << b.granularity_bits))?;
+            }
+            set.changed = true;
+            grows
+        };
+        if grows && size > self.header.size {
+            self.bm_store_as(size, true)?;
+        }
         Ok(())
     }
 }

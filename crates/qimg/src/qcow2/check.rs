@@ -29,7 +29,7 @@ use super::Qcow2;
 use crate::error::Result;
 use crate::ondisk::header::autoclear;
 use crate::ondisk::l2::{self, ClusterType};
-use crate::ondisk::{be16, be32, be64, refcount};
+use crate::ondisk::{be16, be32, be64, refcount, snapshot};
 use crate::storage::Storage;
 use std::collections::{BTreeSet, HashMap};
 
@@ -344,14 +344,36 @@ pub(super) struct Stop(pub(super) i32);
 
 pub(super) type Step<T = ()> = std::result::Result<T, Stop>;
 
-/// Snapshot table fields the check needs, read independently of the open-time parse.
+/// One snapshot table entry as the check reads it, independently of the open-time parse.
+/// The raw fields are kept so that `-r all` can write the entry back unchanged except
+/// for what it repairs.
 #[derive(Debug, Clone)]
 pub(super) struct SnapInfo {
-    l1_table_offset: u64,
-    l1_size: u32,
+    pub(super) l1_table_offset: u64,
+    pub(super) l1_size: u32,
+    /// The extra data size as stored (before any truncation).
     extra_data_size: u32,
-    id: String,
-    name: String,
+    pub(super) date_sec: u32,
+    pub(super) date_nsec: u32,
+    pub(super) vm_clock_nsec: u64,
+    /// The 32-bit VM state size of the entry header.
+    pub(super) vm_state_size32: u32,
+    /// The extra data kept (at most 1024 bytes, QEMU's limit).
+    pub(super) extra: Vec<u8>,
+    pub(super) id: Vec<u8>,
+    pub(super) name: Vec<u8>,
+}
+
+/// The snapshot table as the check read it.
+pub(super) struct SnapTable {
+    pub(super) entries: Vec<SnapInfo>,
+    /// Length in bytes of the table as stored (up to the end of the last entry kept).
+    pub(super) len: u64,
+    /// Entries `-r all` fixed while reading (extra data cut, incomplete entries); the
+    /// table must be written anew for the fixes to reach the disk.
+    pub(super) to_rewrite: u64,
+    /// Overhanging entries `-r all` dropped by lowering the header's count.
+    pub(super) discarded: u64,
 }
 
 /// The computed refcounts, packed at the image's width (qemu's in-memory refcount table).
@@ -454,11 +476,11 @@ pub(super) struct Checker<'a> {
 /// bitmap metadata do not stop the open. Problems in the image are reported in the
 /// returned [`CheckReport`], never as `Err`; the check itself does not fail on any input.
 pub fn check(img: &Qcow2) -> Result<CheckReport> {
-    let (mut c, snapshots, snap_size) = match Checker::start(img, Fix::NONE) {
+    let (mut c, snapshots) = match Checker::start(img, Fix::NONE) {
         Ok(x) => x,
         Err(r) => return Ok(*r),
     };
-    if let Err(Stop(errno)) = c.run(&snapshots, snap_size) {
+    if let Err(Stop(errno)) = c.run(&snapshots.entries, snapshots.len) {
         c.fail(errno);
     }
     c.r.rebuild_needed = c.rebuild;
@@ -471,10 +493,10 @@ impl<'a> Checker<'a> {
     pub(super) fn start(
         img: &'a Qcow2,
         fix: Fix,
-    ) -> std::result::Result<(Checker<'a>, Vec<SnapInfo>, u64), Box<CheckReport>> {
+    ) -> std::result::Result<(Checker<'a>, SnapTable), Box<CheckReport>> {
         let file = img.file().as_ref();
         let mut r = CheckReport::default();
-        let (snapshots, snap_size) = match read_snapshot_table(img, &mut r) {
+        let snapshots = match read_snapshot_table(img, &mut r, fix) {
             Ok(s) => s,
             Err(Stop(errno)) => {
                 r.failure = Some(CheckFailure { errno });
@@ -529,7 +551,7 @@ impl<'a> Checker<'a> {
             rebuild: false,
             r,
         };
-        Ok((c, snapshots, snap_size))
+        Ok((c, snapshots))
     }
 
     /// Records that the pass stopped with `errno`.
@@ -556,15 +578,30 @@ fn pread(file: &dyn Storage, offset: u64, len: usize) -> std::result::Result<Vec
     Ok(buf)
 }
 
-/// Re-reads the snapshot table from the header pointer, as QEMU's check does, and
-/// returns the entries and the table's length in bytes; a table that cannot be used
-/// ends the check, as in QEMU.
-fn read_snapshot_table(img: &Qcow2, r: &mut CheckReport) -> Step<(Vec<SnapInfo>, u64)> {
+/// Re-reads the snapshot table from the header pointer, as QEMU's check does; a table
+/// that cannot be used ends the check, as in QEMU.
+///
+/// With `fix.errors` (`-r all`) it repairs as QEMU does: too many entries, or a table
+/// longer than 64 MiB, lose their overhanging entries (the header's count is lowered at
+/// once, which is safe: the dropped entries' clusters merely leak until the refcount
+/// pass frees them); extra data over 1024 bytes is cut and incomplete v3 entries are
+/// completed in memory, for [`super::repair`] to write the table anew.
+fn read_snapshot_table(img: &Qcow2, r: &mut CheckReport, fix: Fix) -> Step<SnapTable> {
     let h = img.header();
     let file = img.file().as_ref();
-    let n = h.nb_snapshots as u64;
+    let mut n = h.nb_snapshots as u64;
     let offset = h.snapshots_offset;
-    let max_entries = 65536u64;
+    let max_entries = snapshot::MAX_SNAPSHOTS as u64;
+    let mut discarded = 0;
+    if n > max_entries && fix.errors {
+        r.say(format!(
+            "Discarding {} overhanging snapshots",
+            n - max_entries
+        ));
+        set_snapshot_count(file, r, max_entries)?;
+        discarded += n - max_entries;
+        n = max_entries;
+    }
     let invalid = if n > max_entries {
         Some(("snapshot table too large", libc::EFBIG))
     } else if (i64::MAX as u64) - n * 40 < offset || offset & (h.cluster_size() - 1) != 0 {
@@ -585,6 +622,7 @@ fn read_snapshot_table(img: &Qcow2, r: &mut CheckReport) -> Step<(Vec<SnapInfo>,
     }
     let mut out = Vec::new();
     let mut pos = offset;
+    let mut to_rewrite = 0;
     let fail = |r: &mut CheckReport, msg: String, hint: Option<String>, errno: i32| {
         r.check_errors += 1;
         r.say_prefixed(format!("ERROR failed to read the snapshot table: {msg}"));
@@ -595,57 +633,114 @@ fn read_snapshot_table(img: &Qcow2, r: &mut CheckReport) -> Step<(Vec<SnapInfo>,
     };
     let read_err = |errno: i32| format!("Failed to read snapshot table: {}", strerror(errno));
     for i in 0..n {
+        let entry_start = pos;
         pos = pos.next_multiple_of(8);
         let hdr = pread(file, pos, 40).map_err(|e| fail(r, read_err(e), None, e))?;
         pos += 40;
         let extra = be32(&hdr, 36);
-        if extra > 1024 {
-            return Err(fail(
-                r,
-                format!("Too much extra metadata in snapshot table entry {i}"),
-                Some("You can force-remove this extra metadata with qemu-img check -r all".into()),
-                libc::EFBIG,
+        let mut kept_extra = extra;
+        if extra > snapshot::MAX_EXTRA_DATA {
+            if !fix.errors {
+                return Err(fail(
+                    r,
+                    format!("Too much extra metadata in snapshot table entry {i}"),
+                    Some(
+                        "You can force-remove this extra metadata with qemu-img check -r all"
+                            .into(),
+                    ),
+                    libc::EFBIG,
+                ));
+            }
+            r.say(format!(
+                "Discarding too much extra metadata in snapshot table entry {i} ({extra} > {})",
+                snapshot::MAX_EXTRA_DATA
             ));
+            to_rewrite += 1;
+            kept_extra = snapshot::MAX_EXTRA_DATA;
         }
         let id_len = be16(&hdr, 12) as usize;
         let name_len = be16(&hdr, 14) as usize;
-        let rest = pread(file, pos, extra as usize + id_len + name_len)
-            .map_err(|e| fail(r, read_err(e), None, e))?;
-        pos += rest.len() as u64;
-        let ex = extra as usize;
+        let ex =
+            pread(file, pos, kept_extra as usize).map_err(|e| fail(r, read_err(e), None, e))?;
+        pos += extra as u64;
+        let names =
+            pread(file, pos, id_len + name_len).map_err(|e| fail(r, read_err(e), None, e))?;
+        pos += names.len() as u64;
+        let table_len = pos - offset;
+        if table_len > snapshot::MAX_TABLE_SIZE || table_len > i32::MAX as u64 {
+            if !fix.errors {
+                return Err(fail(
+                    r,
+                    "Snapshot table is too big".into(),
+                    Some(format!(
+                        "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                        n - i
+                    )),
+                    libc::EFBIG,
+                ));
+            }
+            r.say(format!(
+                "Discarding {} overhanging snapshots (snapshot table is too big)",
+                n - i
+            ));
+            set_snapshot_count(file, r, i)?;
+            discarded += n - i;
+            pos = entry_start;
+            break;
+        }
         out.push(SnapInfo {
             l1_table_offset: be64(&hdr, 0),
             l1_size: be32(&hdr, 8),
             extra_data_size: extra,
-            id: c_string(&rest[ex..ex + id_len]),
-            name: c_string(&rest[ex + id_len..]),
+            date_sec: be32(&hdr, 16),
+            date_nsec: be32(&hdr, 20),
+            vm_clock_nsec: be64(&hdr, 24),
+            vm_state_size32: be32(&hdr, 32),
+            extra: ex,
+            id: names[..id_len].to_vec(),
+            name: names[id_len..].to_vec(),
         });
-        let table_len = pos - offset;
-        if table_len > 64 << 20 || table_len > i32::MAX as u64 {
-            return Err(fail(
-                r,
-                "Snapshot table is too big".into(),
-                Some(format!(
-                    "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
-                    n - i
-                )),
-                libc::EFBIG,
-            ));
-        }
     }
     if h.version >= 3 {
         for (i, s) in out.iter().enumerate() {
             if s.extra_data_size < 16 {
-                r.corrupt(
-                    Finding::SnapshotIncomplete { index: i },
-                    format!("ERROR snapshot table entry {i} is incomplete"),
-                );
+                if fix.errors {
+                    r.say(format!("Repairing snapshot table entry {i} is incomplete"));
+                    to_rewrite += 1;
+                } else {
+                    r.corrupt(
+                        Finding::SnapshotIncomplete { index: i },
+                        format!("ERROR snapshot table entry {i} is incomplete"),
+                    );
+                }
             }
         }
     }
     // The table ends where the last entry's name ends; only gaps between entries are
     // padded.
-    Ok((out, pos - offset))
+    Ok(SnapTable {
+        entries: out,
+        len: pos - offset,
+        to_rewrite,
+        discarded,
+    })
+}
+
+/// Lowers the header's snapshot count (repair of overhanging entries) and makes it
+/// durable before anything frees the clusters of the dropped entries.
+fn set_snapshot_count(file: &dyn Storage, r: &mut CheckReport, n: u64) -> Step {
+    let res = file
+        .write_at(&(n as u32).to_be_bytes(), 60)
+        .and_then(|()| file.flush());
+    if let Err(e) = res {
+        r.check_errors += 1;
+        r.say(format!(
+            "ERROR failed to update the number of snapshots in the image header: {}",
+            strerror(e.errno())
+        ));
+        return Err(Stop(e.errno()));
+    }
+    Ok(())
 }
 
 /// C's `%#x`: like Rust's `{:#x}` except that zero prints as a bare "0".
@@ -737,10 +832,13 @@ impl Checker<'_> {
         let active: Vec<u64> = self.img.l1().to_vec();
         self.check_l1_entries(h.l1_table_offset, &active, true)?;
 
-        if self.data_file && h.nb_snapshots > 0 {
+        if self.data_file && !snapshots.is_empty() {
             self.r.corrupt(
                 Finding::SnapshotsWithDataFile,
-                format!("ERROR {} snapshots in image with data file", h.nb_snapshots),
+                format!(
+                    "ERROR {} snapshots in image with data file",
+                    snapshots.len()
+                ),
             );
         }
         for (i, sn) in snapshots.iter().enumerate() {
@@ -749,7 +847,7 @@ impl Checker<'_> {
                     Finding::BadSnapshotL1 { index: i },
                     format!(
                         "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
-                        sn.id, sn.name, alt_hex(sn.l1_table_offset)
+                        c_string(&sn.id), c_string(&sn.name), alt_hex(sn.l1_table_offset)
                     ),
                 );
                 continue;
@@ -759,7 +857,7 @@ impl Checker<'_> {
                     Finding::BadSnapshotL1 { index: i },
                     format!(
                         "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
-                        sn.id, sn.name, alt_hex(sn.l1_size as u64)
+                        c_string(&sn.id), c_string(&sn.name), alt_hex(sn.l1_size as u64)
                     ),
                 );
                 continue;
@@ -1138,7 +1236,10 @@ impl Checker<'_> {
 
     /// The refcount block holding `cluster`'s entry, loaded into the cache, and the
     /// entry's index in it; `None` when no block covers the cluster.
-    fn refblock_for(&mut self, cluster: u64) -> std::result::Result<Option<(u64, usize)>, i32> {
+    pub(super) fn refblock_for(
+        &mut self,
+        cluster: u64,
+    ) -> std::result::Result<Option<(u64, usize)>, i32> {
         let order = self.img.header().refcount_order;
         let block_bits = self.cluster_bits + 3 - order;
         let index = cluster >> block_bits;
@@ -1172,7 +1273,7 @@ impl Checker<'_> {
 
     /// The refcount stored on disk for `cluster` (QEMU's qcow2_get_refcount), or the
     /// errno of the failure.
-    fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, i32> {
+    pub(super) fn stored_refcount(&mut self, cluster: u64) -> std::result::Result<u64, i32> {
         let order = self.img.header().refcount_order;
         Ok(match self.refblock_for(cluster)? {
             Some((block, i)) => refcount::get(&self.refblocks[&block], order, i),
@@ -1183,7 +1284,11 @@ impl Checker<'_> {
     /// Changes the stored refcount of `cluster` in the cache (repair mode only). The
     /// cluster must be covered by a refcount block, which every caller knows because its
     /// stored refcount is not zero.
-    fn set_stored_refcount(&mut self, cluster: u64, value: u64) -> std::result::Result<(), i32> {
+    pub(super) fn set_stored_refcount(
+        &mut self,
+        cluster: u64,
+        value: u64,
+    ) -> std::result::Result<(), i32> {
         let order = self.img.header().refcount_order;
         if value > refcount::max(order) {
             return Err(libc::EINVAL);

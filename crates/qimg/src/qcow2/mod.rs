@@ -357,10 +357,15 @@ impl Qcow2 {
             let mut entry = vec![0u8; (40 + var) as usize];
             file.read_at(&mut entry, pos)?;
             let (s, len) = Snapshot::parse(&entry, i)?;
-            pos += len as u64;
-            if pos - h.snapshots_offset > snapfmt::MAX_TABLE_SIZE {
-                return Err(Error::invalid("Snapshot table is too big"));
+            // QEMU measures the table up to the end of the entry's name (padding only
+            // comes before the next entry).
+            if pos + 40 + var - h.snapshots_offset > snapfmt::MAX_TABLE_SIZE {
+                return Err(Error::invalid(format!(
+                    "Snapshot table is too big\nYou can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                    h.nb_snapshots as usize - i
+                )));
             }
+            pos += len as u64;
             out.push(s);
         }
         Ok(out)

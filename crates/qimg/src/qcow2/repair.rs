@@ -37,13 +37,21 @@
 //! Unlike QEMU, the new structure never reuses a cluster named by the old refcount
 //! table, where QEMU's overlap check would stop the repair (and mark the image corrupt).
 //!
-//! Internal snapshots and bitmaps are untouched: their clusters are references like any
-//! other, and the snapshot table is read from the header pointer, never rewritten.
+//! Internal snapshots and bitmaps are otherwise untouched: their clusters are references
+//! like any other. The snapshot table is read from the header pointer; `-r all` drops
+//! overhanging entries by lowering the header's count before the refcount pass (their
+//! clusters then show as leaks and are freed), and writes the table anew after the
+//! refcount pass when entries were fixed (extra data cut, v3 fields completed): the new
+//! table goes to free clusters whose refcounts are raised first, the header switches to
+//! it with one 12-byte write, and only then are the old table's clusters freed.
 
-use super::check::{self, strerror, CheckReport, Checker, Counts, Fix, SnapInfo, Step, Stop};
+use super::check::{
+    self, strerror, CheckReport, Checker, Counts, Fix, SnapInfo, SnapTable, Step, Stop,
+};
 use super::{Qcow2, Qcow2Options};
 use crate::error::{Error, Result};
 use crate::ondisk::header::incompat;
+use crate::ondisk::snapshot::Snapshot;
 use crate::ondisk::{put32, put64, refcount};
 use crate::storage::Storage;
 use std::collections::HashSet;
@@ -190,14 +198,28 @@ fn recheck(file: Arc<dyn Storage>) -> CheckReport {
 /// One repairing pass (QEMU's check with fix flags), including the final marking of the
 /// image as clean and consistent.
 fn run_pass(img: &Qcow2, fix: Fix) -> CheckReport {
-    let (mut c, snapshots, snap_size) = match Checker::start(img, fix) {
+    let (mut c, snapshots) = match Checker::start(img, fix) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if let Err(Stop(errno)) = refcount_pass(&mut c, &snapshots, snap_size) {
+    // QEMU keeps the snapshot table's findings apart from the refcount pass's, whose
+    // repair decisions (COPIED flags with `-r leaks`, the rebuild's recount) must not
+    // see them.
+    let snapshot_corruptions = std::mem::take(&mut c.r.corruptions);
+    let pass = refcount_pass(&mut c, &snapshots.entries, snapshots.len);
+    c.r.corruptions += snapshot_corruptions;
+    if let Err(Stop(errno)) = pass {
         c.fail(errno);
         return c.r;
     }
+    if snapshots.to_rewrite > 0 {
+        if let Err(Stop(errno)) = rewrite_snapshot_table(&mut c, &snapshots) {
+            c.fail(errno);
+            return c.r;
+        }
+        c.r.corruptions_fixed += snapshots.to_rewrite;
+    }
+    c.r.corruptions_fixed += snapshots.discarded;
     if c.r.check_errors == 0 && c.r.corruptions == 0 {
         if let Err(e) = mark_consistent(img) {
             c.fail(e.errno());
@@ -487,4 +509,159 @@ fn alloc(
         c.refs.set(k, 1);
     }
     Ok(start)
+}
+
+/// The entry as QEMU writes it back: fields missing from the stored extra data filled in
+/// as QEMU fills them when it reads an entry (the current disk size, icount -1), unknown
+/// extra data kept, ID and name byte for byte.
+fn serialize_snapshot(e: &SnapInfo, disk_size: u64, out: &mut Vec<u8>) {
+    let ex = &e.extra;
+    let word = |at: usize| {
+        (ex.len() >= at + 8).then(|| u64::from_be_bytes(ex[at..at + 8].try_into().unwrap()))
+    };
+    let s = Snapshot {
+        l1_table_offset: e.l1_table_offset,
+        l1_size: e.l1_size,
+        id: String::new(),
+        name: String::new(),
+        date_sec: e.date_sec,
+        date_nsec: e.date_nsec,
+        vm_clock_nsec: e.vm_clock_nsec,
+        vm_state_size: word(0).unwrap_or(e.vm_state_size32 as u64),
+        disk_size: Some(word(8).unwrap_or(disk_size)),
+        icount: word(16).filter(|&v| v != u64::MAX),
+        unknown_extra: ex.get(24..).unwrap_or_default().to_vec(),
+        extra_data_size: 0,
+    };
+    s.serialize_with_names(&e.id, &e.name, out);
+}
+
+/// Writes the snapshot table anew after `-r all` fixed entries while reading it, where
+/// QEMU would place it (first fit over the stored refcounts), then frees the old one.
+fn rewrite_snapshot_table(c: &mut Checker<'_>, t: &SnapTable) -> Step {
+    let h = c.img.header().clone();
+    let mut buf = Vec::new();
+    for e in &t.entries {
+        serialize_snapshot(e, h.size & !511, &mut buf);
+    }
+    let fail = |c: &mut Checker<'_>, errno: i32| {
+        c.r.check_errors += 1;
+        c.r.say(format!(
+            "ERROR failed to update the snapshot table: {}",
+            strerror(errno)
+        ));
+        Stop(errno)
+    };
+    let n = (buf.len() as u64).div_ceil(c.cs);
+    let mut at = 0;
+    if n > 0 {
+        let first = find_free(c, 0, n).map_err(|Stop(e)| fail(c, e))?;
+        let mut hint = first + n;
+        for k in first..first + n {
+            cover(c, k, &mut hint, 0).map_err(|Stop(e)| fail(c, e))?;
+        }
+        for k in first..first + n {
+            c.set_stored_refcount(k, 1).map_err(|e| fail(c, e))?;
+        }
+        c.write_refblocks().map_err(|e| fail(c, e))?;
+        at = first << c.cluster_bits;
+        c.file
+            .write_at(&buf, at)
+            .and_then(|()| c.file.flush())
+            .map_err(|e| fail(c, e.errno()))?;
+    }
+    let mut hdr = [0u8; 12];
+    put32(&mut hdr, 0, t.entries.len() as u32);
+    put64(&mut hdr, 4, at);
+    c.file
+        .write_at(&hdr, 60)
+        .and_then(|()| c.file.flush())
+        .map_err(|e| fail(c, e.errno()))?;
+    // The old table is free from here on; failing to say so only leaks it.
+    if t.len > 0 {
+        let old_first = h.snapshots_offset >> c.cluster_bits;
+        let old_end = (h.snapshots_offset + t.len).div_ceil(c.cs);
+        let mut ok = true;
+        for k in old_first..old_end {
+            if c.stored_refcount(k).unwrap_or(0) == 0 {
+                ok = false;
+            }
+        }
+        if ok {
+            for k in old_first..old_end {
+                let v = c.stored_refcount(k).unwrap_or(0);
+                if c.set_stored_refcount(k, v - 1).is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if !ok || c.write_refblocks().is_err() {
+            // QEMU's own wording when freeing clusters whose refcount is already 0.
+            c.r.say(format!(
+                "qcow2_free_clusters failed: {}",
+                strerror(libc::EINVAL)
+            ));
+        }
+        discard_freed(c);
+    }
+    Ok(())
+}
+
+/// The first run of `n` clusters at or after `from` that nothing counts or references.
+fn find_free(c: &mut Checker<'_>, from: u64, n: u64) -> Step<u64> {
+    let limit = crate::ondisk::MAX_HOST_OFFSET >> c.cluster_bits;
+    let mut start = from;
+    let mut k = from;
+    while k < start + n {
+        if k > limit {
+            return Err(Stop(libc::EFBIG));
+        }
+        let stored = c.stored_refcount(k).map_err(Stop)?;
+        let computed = if k < c.refs.len { c.refs.get(k) } else { 0 };
+        if stored != 0 || computed != 0 {
+            start = k + 1;
+        }
+        k += 1;
+    }
+    Ok(start)
+}
+
+/// Makes sure a refcount block covers `cluster`, adding one where QEMU's allocator
+/// would (the first free cluster from `*hint`). A new block is written and flushed
+/// before the refcount table entry names it, so a cut in between leaves nothing behind.
+/// The refcount table itself is not grown.
+fn cover(c: &mut Checker<'_>, cluster: u64, hint: &mut u64, depth: u32) -> Step {
+    if c.refblock_for(cluster).map_err(Stop)?.is_some() {
+        return Ok(());
+    }
+    let order = c.img.header().refcount_order;
+    let block_bits = c.cluster_bits + 3 - order;
+    let index = cluster >> block_bits;
+    if index as usize >= c.reftable.len() || depth > 2 {
+        return Err(Stop(libc::EFBIG));
+    }
+    let b = find_free(c, *hint, 1)?;
+    *hint = b + 1;
+    let mut block = vec![0u8; c.cs as usize];
+    if b >> block_bits == index {
+        // The block describes itself.
+        refcount::set(&mut block, order, (b & ((1 << block_bits) - 1)) as usize, 1);
+    } else {
+        cover(c, b, hint, depth + 1)?;
+        c.set_stored_refcount(b, 1).map_err(Stop)?;
+        c.write_refblocks().map_err(Stop)?;
+    }
+    let at = b << c.cluster_bits;
+    c.file
+        .write_at(&block, at)
+        .and_then(|()| c.file.flush())
+        .map_err(|e| Stop(e.errno()))?;
+    c.file
+        .write_at(&at.to_be_bytes(), c.reftable_offset + index * 8)
+        .and_then(|()| c.file.flush())
+        .map_err(|e| Stop(e.errno()))?;
+    c.reftable[index as usize] = at;
+    c.refblocks.insert(at, block);
+    Ok(())
 }

@@ -14,6 +14,10 @@
 //! - Shrinking: clusters past the new end are fully discarded (entries cleared), L2 tables
 //!   past the new end are freed (the L1 table keeps its size, as in QEMU), then the file
 //!   is truncated after the last used cluster.
+//! - Persistent bitmaps are resized as QEMU resizes them (new bits clear, bits past a new
+//!   end dropped) and stored at close; they stay `in_use` on disk until then (see
+//!   `bitmaps.rs` for tables that must grow first). Inconsistent bitmaps make the resize
+//!   fail, as in QEMU.
 
 use super::txn::Txn;
 use super::Qcow2;
@@ -48,11 +52,7 @@ impl Qcow2 {
                 "Can't resize a v2 image which has snapshots",
             ));
         }
-        if !self.bitmaps.is_empty() {
-            return Err(Error::unsupported(
-                "Cannot resize an image with persistent bitmaps (not supported by qimg)",
-            ));
-        }
+        self.bm_resize_check()?;
         if size < old && prealloc != Prealloc::Off {
             return Err(Error::unsupported(
                 "Preallocation can't be used for shrinking an image",
@@ -81,6 +81,9 @@ impl Qcow2 {
             return Err(Error::unsupported(
                 "Failed to zero out new clusters: Operation not supported",
             ));
+        }
+        if size > old {
+            self.bm_resize(size)?;
         }
         self.quiesce()?;
         let file = self.file.clone();
@@ -195,6 +198,7 @@ impl Qcow2 {
         }
         let used = self.commit(txn, h, l1, None)?;
         if shrinking {
+            self.bm_resize(size)?;
             // The transaction put the new tables past everything the old state used; now
             // that the discarded clusters are free, move those tables down into them.
             let used = if used > file_len {

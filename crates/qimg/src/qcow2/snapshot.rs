@@ -148,9 +148,17 @@ impl Qcow2 {
     }
 
     /// Reverts the active state to a snapshot found by ID, else by name.
+    ///
+    /// Refused while the image has persistent bitmaps, as QEMU refuses it: their bits
+    /// would not describe the reverted contents.
     pub fn snapshot_apply(&mut self, id_or_name: &str) -> Result<()> {
         if self.header.has_data_file() {
             return Err(Error::unsupported("Operation not supported"));
+        }
+        if !self.bitmap_list().is_empty() {
+            return Err(Error::InvalidArgument(
+                "Device has active dirty bitmaps".into(),
+            ));
         }
         let idx = self
             .find_snapshot(Some(id_or_name), None)

@@ -492,6 +492,88 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Writes the guest cluster at `offset` (cluster aligned) compressed with the
+    /// image's compression type, as QEMU's compressed writes do: `data` is the whole
+    /// cluster, or the rest of the image when the cluster is the last and partial. The
+    /// cluster must not be allocated yet (compression never overwrites). Data that does
+    /// not compress is written normally.
+    ///
+    /// Ordering as for every write: the compressed bytes are written before the L2 entry
+    /// changes in memory, and the flush writes the refcounts before the L2 table.
+    pub fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.guard(|| self.write_compressed_inner(data, offset))
+    }
+
+    fn write_compressed_inner(&self, data: &[u8], offset: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        self.check_range(offset, data.len() as u64)?;
+        if offset & (cs - 1) != 0
+            || (data.len() as u64 != cs && offset + data.len() as u64 != self.len())
+            || data.len() as u64 > cs
+        {
+            return Err(Error::InvalidArgument(
+                "Compressed writes must cover one whole cluster".into(),
+            ));
+        }
+        if self.header.has_data_file() {
+            return Err(Error::unsupported(
+                "Compression is not supported with external data files",
+            ));
+        }
+        let mut full = data.to_vec();
+        full.resize(cs as usize, 0);
+        let Some(packed) = super::compress::compress(self.header.compression(), &full)? else {
+            return self.do_write(data, offset);
+        };
+        self.bm_note_write(offset, data.len() as u64)?;
+        let gc = offset >> self.cluster_bits;
+        let ext = self.header.extended_l2();
+        let len = packed.len() as u64;
+        let g = self.ws()?;
+        let mut g = self.claim(g, gc);
+        let host = (|| -> Result<u64> {
+            let (entry, _) = self.entry_locked(gc)?;
+            if !matches!(
+                l2::classify(entry, ext, false),
+                ClusterType::Unallocated | ClusterType::ZeroPlain
+            ) {
+                return Err(Error::InvalidArgument(
+                    "Compression can't overwrite anything".into(),
+                ));
+            }
+            let st = g.as_mut().unwrap();
+            // The L2 table first, then the bytes: QEMU's allocation order.
+            self.l2_writable(st, gc >> self.l2_bits)?;
+            let host = st.refs.alloc_bytes(self.file.as_ref(), len)?;
+            if let Some(what) = self.overlap(st, host, len, None) {
+                return Err(Error::Corrupt(format!(
+                    "Preventing invalid write on metadata (overlaps with {what})"
+                )));
+            }
+            Ok(host)
+        })();
+        let host = match host {
+            Ok(h) => h,
+            Err(e) => {
+                self.release(&mut g, gc);
+                return Err(e);
+            }
+        };
+        drop(g);
+        let io = self.file.write_at(&packed, host);
+        let entry = l2::COMPRESSED | CompressedDesc::encode(host, len, self.cluster_bits);
+        let mut g = self.ws.lock().unwrap();
+        let r = io.and_then(|()| self.set_entry(g.as_mut().unwrap(), gc, entry, 0));
+        if r.is_err() {
+            // The references the allocation took go again.
+            self.free_entry(g.as_mut().unwrap(), entry);
+        }
+        self.release(&mut g, gc);
+        drop(g);
+        r?;
+        self.maybe_flush()
+    }
+
     pub(crate) fn do_write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.guard(|| self.do_write_inner(buf, offset))
     }
