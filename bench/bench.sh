@@ -6,9 +6,13 @@
 # a qcow2 copy of it with qemu-img; then times, for each tool:
 #   qcow2->raw convert, raw->qcow2 convert, map (json), check, info, commit of a 2-deep
 #   chain into its base, safe rebase onto a different backing file
-# Each command runs twice per tool (interleaved) and the better time is kept (caches cannot be
-# dropped here, so both tools see warm caches). The outputs of the two tools are compared
-# (converted images with cmp / qemu-img compare, map/check/info text) and the table says so.
+# Each command runs BENCH_RUNS times per tool (interleaved) and the best time is kept (caches
+# cannot be dropped here, so both tools see warm caches). Every output is checked: converted
+# and changed images must read the same as their source (qemu-img compare), map/check/info
+# must print the same text, and the table says so.
+# On the development VMs the time of a gigabyte copy is bimodal for both tools (0.2-0.4 s or
+# 1.0-1.6 s of mostly system time, depending on whether the kernel must get fresh pages from
+# the host after a big file was deleted), which is why the best of several runs is kept.
 #
 # Environment:
 #   QIMG=path         binary to benchmark (default: build crates/qimg-cli in release and use it)
@@ -16,7 +20,7 @@
 #   BENCH_DIR=dir     working directory (default: a new temporary directory, removed at exit)
 #   BENCH_SIZE_MIB=N  size of the generated disk in MiB (default 1536, at least 1024 for the
 #                     figures to mean something)
-#   BENCH_RUNS=N      runs per tool and operation (default 2)
+#   BENCH_RUNS=N      runs per tool and operation (default 5)
 #   BENCH_KEEP=1      keep BENCH_DIR
 set -euo pipefail
 
@@ -24,7 +28,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 QEMU_IMG="${QEMU_IMG:-qemu-img}"
 SIZE_MIB="${BENCH_SIZE_MIB:-1536}"
-RUNS="${BENCH_RUNS:-2}"
+RUNS="${BENCH_RUNS:-5}"
 
 if [ -z "${QIMG:-}" ]; then
     echo "== building qimg (release)" >&2
@@ -162,16 +166,20 @@ rows=()
 # bench NAME VERIFY REPEAT CMD-TEMPLATE [QEMU-TEMPLATE]: the template uses @BIN@ for the tool
 # and @OUT@ for an output file name distinct per tool; short operations are repeated REPEAT
 # times per timing. QEMU-TEMPLATE, when given, is what qemu-img runs (e.g. its best -m/-W).
+# VERIFY is `stdout` (both tools print the same) or `same-as:IMAGE` (every output of both
+# tools reads the same as IMAGE, by qemu-img compare). Outputs are checked right after each
+# run and removed before the next timing: a gigabyte of the other tool's output left in the
+# page cache changes how fast the next run gets memory, and so the figures.
 bench() {
     local name="$1" verify="$2" repeat="$3" tmpl="$4" qtmpl="${5:-$4}"
-    local best_q=nan best_t=nan r t cmd rss_q=0 rss_t=0
+    local best_q=nan best_t=nan r t cmd rss_q=0 rss_t=0 same="same"
     for r in $(seq 1 "$RUNS"); do
         for tool in q t; do
             local bin="$QEMU_IMG" use="$qtmpl"
             if [ "$tool" = t ]; then bin="$QIMG"; use="$tmpl"; fi
             cmd="${use//@BIN@/$bin}"
             cmd="${cmd//@OUT@/out.$tool}"
-            rm -f "out.$tool"
+            rm -f out.q out.t
             # shellcheck disable=SC2086
             t="$(time_cmd "stdout.$tool" "$repeat" $cmd)"
             local rss
@@ -184,43 +192,39 @@ bench() {
                 best_t="$(min "$best_t" "$t")"
                 [ "$rss" -gt "$rss_t" ] && rss_t="$rss"
             fi
+            case "$verify" in
+                same-as:*) "$QEMU_IMG" compare -q "${verify#same-as:}" "out.$tool" || same="DIFFERENT" ;;
+            esac
         done
-        # The outputs of the last run of each tool are compared below.
+        [ "$verify" = stdout ] && { cmp -s stdout.q stdout.t || same="DIFFERENT"; }
     done
-    local same="same"
-    case "$verify" in
-        stdout) cmp -s stdout.q stdout.t || same="DIFFERENT" ;;
-        raw) cmp -s out.q out.t || same="DIFFERENT" ;;
-        qcow2) "$QEMU_IMG" compare -q out.q out.t || same="DIFFERENT" ;;
-    esac
     local ratio
     ratio="$(awk -v q="$best_q" -v t="$best_t" 'BEGIN { if (q == "nan" || t == "nan" || t + 0 == 0) print "n/a"; else printf "%.2f", q / t }')"
     rows+=("$(printf '%-28s %10s %10s %7s %9s %9s  %s' "$name" "$best_q" "$best_t" "$ratio" "$((rss_q / 1024))" "$((rss_t / 1024))" "$same")")
     rm -f out.q out.t
 }
 
-# bench_inplace NAME FILE PREP CMD-TEMPLATE: for operations that change images in place.
+# bench_inplace NAME FILE REF PREP CMD-TEMPLATE: for operations that change images in place.
 # Before each timing, PREP runs (untimed) in a fresh directory out.q / out.t to lay out the
-# images; CMD (with @BIN@) is then timed in that directory, and FILE of both directories is
-# compared with qemu-img compare.
+# images; CMD (with @BIN@) is then timed in that directory, and FILE must then read the same
+# as REF (qemu-img compare).
 bench_inplace() {
-    local name="$1" file="$2" prep="$3" tmpl="$4"
-    local best_q=nan best_t=nan r t cmd
+    local name="$1" file="$2" ref="$3" prep="$4" tmpl="$5"
+    local best_q=nan best_t=nan r t cmd same="same"
     for r in $(seq 1 "$RUNS"); do
         for tool in q t; do
             local bin="$QEMU_IMG"
             [ "$tool" = t ] && bin="$QIMG"
-            rm -rf "out.$tool"
+            rm -rf out.q out.t
             mkdir "out.$tool"
             (cd "out.$tool" && eval "$prep")
             cmd="${tmpl//@BIN@/$bin}"
             # shellcheck disable=SC2086
             t="$(cd "out.$tool" && time_cmd "../stdout.$tool" 1 $cmd)"
             if [ "$tool" = q ]; then best_q="$(min "$best_q" "$t")"; else best_t="$(min "$best_t" "$t")"; fi
+            "$QEMU_IMG" compare -q "$ref" "out.$tool/$file" || same="DIFFERENT"
         done
     done
-    local same="same"
-    "$QEMU_IMG" compare -q "out.q/$file" "out.t/$file" || same="DIFFERENT"
     local ratio
     ratio="$(awk -v q="$best_q" -v t="$best_t" 'BEGIN { if (q == "nan" || t == "nan" || t + 0 == 0) print "n/a"; else printf "%.2f", q / t }')"
     rows+=("$(printf '%-28s %10s %10s %7s %9s %9s  %s' "$name" "$best_q" "$best_t" "$ratio" "-" "-" "$same")")
@@ -254,25 +258,25 @@ for i in range(1, $SIZE_MIB, 4): print(f'write -P 9 {i}M 64k')" | qemu-io -f qco
 fi
 
 echo "== running (each operation ${RUNS}x per tool, best time kept)" >&2
-bench "convert qcow2->raw" raw 1 "@BIN@ convert -f qcow2 -O raw src.qcow2 @OUT@"
-bench "convert raw->qcow2" qcow2 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@"
-bench "raw->qcow2 (qemu -m16 -W)" qcow2 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@" \
+bench "convert qcow2->raw" same-as:src.qcow2 1 "@BIN@ convert -f qcow2 -O raw src.qcow2 @OUT@"
+bench "convert raw->qcow2" same-as:data.raw 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@"
+bench "raw->qcow2 (qemu -m16 -W)" same-as:data.raw 1 "@BIN@ convert -f raw -O qcow2 data.raw @OUT@" \
     "@BIN@ convert -m 16 -W -f raw -O qcow2 data.raw @OUT@"
-bench "raw->qcow2 -c zlib" qcow2 1 "@BIN@ convert -c -f raw -O qcow2 data.raw @OUT@" \
+bench "raw->qcow2 -c zlib" same-as:data.raw 1 "@BIN@ convert -c -f raw -O qcow2 data.raw @OUT@" \
     "@BIN@ convert -m 16 -c -f raw -O qcow2 data.raw @OUT@"
-bench "raw->qcow2 -c zstd" qcow2 1 "@BIN@ convert -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@" \
+bench "raw->qcow2 -c zstd" same-as:data.raw 1 "@BIN@ convert -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@" \
     "@BIN@ convert -m 16 -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@"
-bench "flatten 2-deep chain->raw" raw 1 "@BIN@ convert -O raw top.qcow2 @OUT@" \
+bench "flatten 2-deep chain->raw" same-as:top.qcow2 1 "@BIN@ convert -O raw top.qcow2 @OUT@" \
     "@BIN@ convert -m 16 -W -O raw top.qcow2 @OUT@"
 bench "map --output=json" stdout 10 "@BIN@ map -f qcow2 --output=json src.qcow2"
 bench "map (fragmented) x3" stdout 3 "@BIN@ map -f qcow2 --output=json frag.qcow2"
 bench "check x10" stdout 10 "@BIN@ check -f qcow2 src.qcow2"
 bench "check (fragmented) x3" stdout 3 "@BIN@ check -f qcow2 frag.qcow2"
 bench "info x20" stdout 20 "@BIN@ info -f qcow2 src.qcow2"
-bench_inplace "commit -b (2-deep)" base.qcow2 \
+bench_inplace "commit -b (2-deep)" base.qcow2 "$dir/chain0/top.qcow2" \
     "cp --sparse=always ../chain0/base.qcow2 ../chain0/mid.qcow2 ../chain0/top.qcow2 ." \
     "@BIN@ commit -q -b base.qcow2 top.qcow2"
-bench_inplace "rebase (safe)" rtop.qcow2 \
+bench_inplace "rebase (safe)" rtop.qcow2 "$dir/chain0/rtop.qcow2" \
     "cp ../chain0/rtop.qcow2 ." \
     "@BIN@ rebase -b $dir/chain0/new.qcow2 -F qcow2 rtop.qcow2"
 

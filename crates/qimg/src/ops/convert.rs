@@ -662,6 +662,11 @@ fn copy_chunk_inner(
             None => w.write_compressed(guest, None, &padded(cl))?,
         }
     }
+    if let Some(b) = borrowed {
+        // As in the pipeline: without this every page of a mapped source stays mapped
+        // until the end and counts as this process's resident memory.
+        crate::storage::release_mapped(b);
+    }
     Ok(())
 }
 
