@@ -22,6 +22,7 @@
 #                     figures to mean something)
 #   BENCH_RUNS=N      runs per tool and operation (default 5)
 #   BENCH_KEEP=1      keep BENCH_DIR
+#   BENCH_ONLY=regex  run only the operations whose names match (e.g. 'flatten|commit')
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -163,6 +164,8 @@ time_cmd() {
 min() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan") print b; else if (b == "nan" || a + 0 <= b + 0) print a; else print b }'; }
 
 rows=()
+# selected NAME: whether BENCH_ONLY (an extended regular expression) lets NAME run.
+selected() { [ -z "${BENCH_ONLY:-}" ] || grep -Eq -- "$BENCH_ONLY" <<<"$1"; }
 # bench NAME VERIFY REPEAT CMD-TEMPLATE [QEMU-TEMPLATE]: the template uses @BIN@ for the tool
 # and @OUT@ for an output file name distinct per tool; short operations are repeated REPEAT
 # times per timing. QEMU-TEMPLATE, when given, is what qemu-img runs (e.g. its best -m/-W).
@@ -172,6 +175,7 @@ rows=()
 # page cache changes how fast the next run gets memory, and so the figures.
 bench() {
     local name="$1" verify="$2" repeat="$3" tmpl="$4" qtmpl="${5:-$4}"
+    selected "$name" || return 0
     local best_q=nan best_t=nan r t cmd rss_q=0 rss_t=0 same="same"
     for r in $(seq 1 "$RUNS"); do
         for tool in q t; do
@@ -210,6 +214,7 @@ bench() {
 # as REF (qemu-img compare).
 bench_inplace() {
     local name="$1" file="$2" ref="$3" prep="$4" tmpl="$5"
+    selected "$name" || return 0
     local best_q=nan best_t=nan r t cmd same="same"
     for r in $(seq 1 "$RUNS"); do
         for tool in q t; do
