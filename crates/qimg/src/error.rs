@@ -42,6 +42,19 @@ pub enum Error {
     /// A named object (snapshot, bitmap, file) does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A copy (`convert`) failed reading its source or writing its target. Displayed as
+    /// qemu-img reports it: the operation, the offset and the errno text only (QEMU's
+    /// block layer turns every failed read, a corrupt compressed cluster included, into
+    /// an errno).
+    #[error("error while {} at byte {offset}: {}", if *.reading { "reading" } else { "writing" }, strerror(&io::Error::from_raw_os_error(.source.errno())))]
+    Copy {
+        /// True for a source read, false for a target write.
+        reading: bool,
+        /// The byte offset in the target where the failing request starts.
+        offset: u64,
+        /// What failed.
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -75,6 +88,7 @@ impl Error {
             Error::Corrupt(_) => libc::EIO,
             Error::Permission(_) => libc::EPERM,
             Error::NotFound(_) => libc::ENOENT,
+            Error::Copy { source, .. } => source.errno(),
         }
     }
 }

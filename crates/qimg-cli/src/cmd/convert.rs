@@ -609,6 +609,13 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         }
     };
     let flush = !matches!(o.target_cache.as_deref(), None | Some("unsafe"));
+    let salvaged = |at: u64, e: &qimg::Error| {
+        let errno = std::io::Error::from_raw_os_error(e.errno());
+        ctx.warn(&format!(
+            "error while reading offset {at}: {}",
+            qimg::error::strerror(&errno)
+        ));
+    };
     let copts = ConvertOptions {
         sparse_size: o.sparse_size.unwrap_or(4096),
         target_is_zero: fresh || o.target_is_zero,
@@ -624,10 +631,20 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         progress: Some(&cb),
         top_only: backing.is_some(),
         map_sources: sigbus::install(&ctx.prog),
+        salvage: o.salvage,
+        on_salvaged: Some(&salvaged),
     };
-    if let Err(e) = convert(&sources, target, &copts) {
-        ctx.error(&format!("error while writing at byte 0: {e}"));
-        return 1;
+    match convert(&sources, target, &copts) {
+        Ok(()) => {}
+        // Says which side failed and where, as qemu-img does.
+        Err(e @ qimg::Error::Copy { .. }) => {
+            ctx.error(&e.to_string());
+            return 1;
+        }
+        Err(e) => {
+            ctx.error(&format!("error while writing at byte 0: {e}"));
+            return 1;
+        }
     }
     if let Some(p) = &progress {
         p.finish();

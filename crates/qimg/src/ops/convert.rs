@@ -31,6 +31,9 @@ impl Target {
     }
 }
 
+/// What `--salvage` reports: the target offset of a sector copied as zeros, and why.
+pub type SalvageFn<'a> = dyn Fn(u64, &Error) + Sync + 'a;
+
 /// Options of a conversion.
 pub struct ConvertOptions<'a> {
     /// Zero-detection granularity in bytes (`-S`); 0 disables detection and writes every
@@ -56,6 +59,12 @@ pub struct ConvertOptions<'a> {
     /// copy of every byte. Off by default: a source truncated by another process while
     /// mapped raises SIGBUS, so only callers that handle that signal should turn it on.
     pub map_sources: bool,
+    /// `--salvage`: a source read that fails is retried sector by sector, and the sectors
+    /// that still fail are copied as zeros instead of failing the conversion.
+    pub salvage: bool,
+    /// With `salvage`, called (in guest order) with the target offset and the error of
+    /// every 512-byte sector replaced by zeros.
+    pub on_salvaged: Option<&'a SalvageFn<'a>>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -69,6 +78,8 @@ impl Default for ConvertOptions<'_> {
             progress: None,
             top_only: false,
             map_sources: false,
+            salvage: false,
+            on_salvaged: None,
         }
     }
 }
@@ -81,6 +92,7 @@ impl std::fmt::Debug for ConvertOptions<'_> {
             .field("compress", &self.compress)
             .field("threads", &self.threads)
             .field("map_sources", &self.map_sources)
+            .field("salvage", &self.salvage)
             .finish()
     }
 }
@@ -164,16 +176,103 @@ impl<'a> Sources<'a> {
         Ok(false)
     }
 
-    fn read(&self, buf: &mut [u8], t: u64) -> Result<()> {
+    /// Reads `[t, t + buf.len())`. A failed read is retried in pieces (so a transient
+    /// error or one bad cluster costs no more than it must); what still fails becomes an
+    /// [`Error::Copy`] at the start of the failing source cluster (where qemu-img's
+    /// request would start), or, with `salvage`, zeros recorded in `salvaged`.
+    fn read(
+        &self,
+        buf: &mut [u8],
+        t: u64,
+        salvage: bool,
+        salvaged: &mut Vec<(u64, Error)>,
+    ) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let (i, off) = self.locate(t + done as u64);
             let img = self.images[i].as_ref();
             let n = ((img.len() - off) as usize).min(buf.len() - done);
-            img.read_at(&mut buf[done..done + n], off)?;
+            let piece = &mut buf[done..done + n];
+            if let Err(first) = img.read_at(piece, off) {
+                let at = t + done as u64;
+                if let Some((bad, e)) = retry_read(img, piece, off, at, salvage, salvaged) {
+                    drop(first);
+                    let unit = source_cluster(img);
+                    let start = (bad - at + off) / unit * unit;
+                    return Err(Error::Copy {
+                        reading: true,
+                        offset: at + start.saturating_sub(off),
+                        source: Box::new(e),
+                    });
+                }
+            }
             done += n;
         }
         Ok(())
+    }
+}
+
+/// Sector size of `--salvage`, as qemu-img's.
+const SECTOR: usize = 512;
+
+/// Re-reads `buf` (image offset `off`, target offset `at`) in 64 KiB pieces, and a piece
+/// that fails sector by sector. Returns the target offset and error of the first sector
+/// that fails, unless `salvage`, which zeroes such sectors and records them instead.
+fn retry_read(
+    img: &dyn Image,
+    buf: &mut [u8],
+    off: u64,
+    at: u64,
+    salvage: bool,
+    salvaged: &mut Vec<(u64, Error)>,
+) -> Option<(u64, Error)> {
+    const PIECE: usize = 64 << 10;
+    for p in (0..buf.len()).step_by(PIECE) {
+        let q = (p + PIECE).min(buf.len());
+        if img.read_at(&mut buf[p..q], off + p as u64).is_ok() {
+            continue;
+        }
+        for s in (p..q).step_by(SECTOR) {
+            let e = (s + SECTOR).min(q);
+            if let Err(err) = img.read_at(&mut buf[s..e], off + s as u64) {
+                if !salvage {
+                    return Some((at + s as u64, err));
+                }
+                buf[s..e].fill(0);
+                salvaged.push((at + s as u64, err));
+            }
+        }
+    }
+    None
+}
+
+/// The unit a failed read is reported at: the image's cluster for qcow2, else a sector.
+fn source_cluster(img: &dyn Image) -> u64 {
+    match img.as_any().downcast_ref::<crate::qcow2::Qcow2>() {
+        Some(q) => q.cluster_size(),
+        None => SECTOR as u64,
+    }
+}
+
+/// Marks a failed target write as such, at target offset `at` (errors that already say
+/// which side failed pass through).
+fn writing(at: u64) -> impl FnOnce(Error) -> Error {
+    move |e| match e {
+        e @ Error::Copy { .. } => e,
+        e => Error::Copy {
+            reading: false,
+            offset: at,
+            source: Box::new(e),
+        },
+    }
+}
+
+/// Reports salvaged sectors through the caller's callback.
+fn report_salvaged(opts: &ConvertOptions, salvaged: &[(u64, Error)]) {
+    if let Some(f) = opts.on_salvaged {
+        for (at, e) in salvaged {
+            f(*at, e);
+        }
     }
 }
 
@@ -291,6 +390,8 @@ struct Job<'a> {
     start: u64,
     bytes: Bytes<'a>,
     plan: Plan,
+    /// Sectors `--salvage` replaced by zeros, reported when the job is written.
+    salvaged: Vec<(u64, Error)>,
 }
 
 /// Gates how far readers may run ahead of the writer, and carries buffers back to them.
@@ -424,7 +525,8 @@ fn write_jobs(
             }
         };
         let job: Job = job?;
-        write_job(target, opts, &job)?;
+        report_salvaged(opts, &job.salvaged);
+        write_job(target, opts, &job).map_err(writing(job.start))?;
         done += CHUNK.min(total - job.start);
         let mut st = window.state.lock().unwrap();
         st.written = want + 1;
@@ -457,6 +559,7 @@ fn prepare_chunk<'a>(
     let start = c * CHUNK;
     let len = CHUNK.min(src.total - start);
     let n = len as usize;
+    let mut salvaged = Vec::new();
     let bytes = if !src.may_have_data(start, len)? {
         if opts.sparse_size == 0 {
             // -S 0 writes what reads as zeros too, from a buffer.
@@ -474,7 +577,7 @@ fn prepare_chunk<'a>(
         let mut b = buf
             .take()
             .unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
-        src.read(&mut b[..n], start)?;
+        src.read(&mut b[..n], start, opts.salvage, &mut salvaged)?;
         Bytes::Owned(b, n)
     };
     let data = bytes.get();
@@ -499,7 +602,12 @@ fn prepare_chunk<'a>(
             Plan::Runs(runs)
         }
     };
-    Ok(Job { start, bytes, plan })
+    Ok(Job {
+        start,
+        bytes,
+        plan,
+        salvaged,
+    })
 }
 
 /// Carries out one job on the target.
@@ -616,11 +724,12 @@ fn copy_chunk_inner(
     } else {
         None
     };
+    let mut salvaged = Vec::new();
     let buf: &[u8] = match borrowed {
         Some(b) => b,
         None => {
             if has_data {
-                src.read(buf, start)?;
+                src.read(buf, start, opts.salvage, &mut salvaged)?;
             }
             buf
         }
@@ -654,13 +763,15 @@ fn copy_chunk_inner(
         }
     }
     wait()?;
+    report_salvaged(opts, &salvaged);
     for (i, c) in prepared {
         let guest = start + (i * cs) as u64;
         let cl = &buf[i * cs..((i + 1) * cs).min(buf.len())];
         match c {
-            Some(c) => w.write_compressed(guest, Some(&c), &[])?,
-            None => w.write_compressed(guest, None, &padded(cl))?,
+            Some(c) => w.write_compressed(guest, Some(&c), &[]),
+            None => w.write_compressed(guest, None, &padded(cl)),
         }
+        .map_err(writing(guest))?;
     }
     if let Some(b) = borrowed {
         // As in the pipeline: without this every page of a mapped source stays mapped
@@ -701,6 +812,7 @@ fn copy_chunk_top_only(
         },
     } as usize;
     let mut pieces = Vec::with_capacity(buf.len().div_ceil(g));
+    let mut salvaged = Vec::new();
     for i in (0..buf.len()).step_by(g) {
         let n = g.min(buf.len() - i);
         let t = start + i as u64;
@@ -710,7 +822,7 @@ fn copy_chunk_top_only(
         }
         let b = &mut buf[i..i + n];
         if src.may_have_data(t, n as u64)? {
-            src.read(b, t)?;
+            src.read(b, t, opts.salvage, &mut salvaged)?;
             pieces.push(if opts.sparse_size != 0 && is_zero(b) {
                 Piece::Zero
             } else {
@@ -736,6 +848,20 @@ fn copy_chunk_top_only(
         }
     }
     wait()?;
+    report_salvaged(opts, &salvaged);
+    write_top_only(target, opts, start, buf, g, &pieces, compressed).map_err(writing(start))
+}
+
+/// The writing half of [`copy_chunk_top_only`].
+fn write_top_only(
+    target: &Target,
+    opts: &ConvertOptions,
+    start: u64,
+    buf: &[u8],
+    g: usize,
+    pieces: &[Piece],
+    compressed: Vec<(usize, Option<Vec<u8>>, Vec<u8>)>,
+) -> Result<()> {
     match target {
         Target::Qcow2(w) => {
             if opts.compress {
