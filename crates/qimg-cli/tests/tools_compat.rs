@@ -848,3 +848,26 @@ fn convert_read_errors_and_salvage_match_qemu() {
         }
     }
 }
+
+#[test]
+fn convert_rate_limit_paces_the_copy() {
+    let t = tempfile::tempdir().unwrap();
+    write_pseudo_random(&t.path().join("src.raw"), 4 << 20, 5);
+    // 4 MiB at 2 MiB/s: the first 2 MiB request goes at once, the second after a
+    // second (qemu-img: 1.0 s too). With -c the requests are clusters: about 2 s.
+    for (args, min) in [(&["-O", "raw"][..], 0.9), (&["-c", "-O", "qcow2"][..], 1.8)] {
+        let mut a = vec!["convert", "-r", "2M"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["src.raw", "out"]);
+        let t0 = std::time::Instant::now();
+        let o = qimg(t.path(), &a);
+        let secs = t0.elapsed().as_secs_f64();
+        assert!(o.success(), "{}", o.describe());
+        assert!(
+            secs >= min,
+            "{args:?}: {secs:.2} s, expected at least {min} s"
+        );
+        let c = qemu_img(t.path(), ["compare", "-f", "raw", "src.raw", "out"]);
+        assert_eq!(c.code(), Some(0), "{}", c.describe());
+    }
+}

@@ -633,6 +633,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         map_sources: sigbus::install(&ctx.prog),
         salvage: o.salvage,
         on_salvaged: Some(&salvaged),
+        rate_limit: o.rate.unwrap_or(0),
     };
     match convert(&sources, target, &copts) {
         Ok(()) => {}

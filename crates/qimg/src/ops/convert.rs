@@ -65,6 +65,8 @@ pub struct ConvertOptions<'a> {
     /// With `salvage`, called (in guest order) with the target offset and the error of
     /// every 512-byte sector replaced by zeros.
     pub on_salvaged: Option<&'a SalvageFn<'a>>,
+    /// `-r`: at most this many bytes of the target per second (0: no limit).
+    pub rate_limit: u64,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -80,6 +82,7 @@ impl Default for ConvertOptions<'_> {
             map_sources: false,
             salvage: false,
             on_salvaged: None,
+            rate_limit: 0,
         }
     }
 }
@@ -107,10 +110,39 @@ struct Sources<'a> {
     total: u64,
     /// Per source, its layers' files mapped into memory (when asked for).
     maps: Vec<Option<crate::mapped::MappedLayers>>,
+    /// The pace `-r` sets, shared by everything that commits chunks.
+    pace: Pace,
+}
+
+/// `-r`: chunks are committed no faster than the rate allows. As in qemu-img, the first
+/// request goes at once and each later one waits until the bytes before it fit the rate;
+/// qemu-img's requests are 2 MiB, or one cluster when compressing.
+struct Pace {
+    rate: u64,
+    start: std::time::Instant,
+    dispatched: Mutex<u64>,
+}
+
+impl Pace {
+    /// Waits until `len` more bytes, sent as requests of `granule` bytes, may go, then
+    /// counts them.
+    fn wait(&self, len: u64, granule: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let mut d = self.dispatched.lock().unwrap();
+        let before_last = *d + len - granule.min(len);
+        let due = std::time::Duration::from_secs_f64(before_last as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+        *d += len;
+    }
 }
 
 impl<'a> Sources<'a> {
-    fn new(images: &'a [Arc<dyn Image>], map: bool) -> Self {
+    fn new(images: &'a [Arc<dyn Image>], map: bool, rate: u64) -> Self {
         let mut starts = Vec::with_capacity(images.len());
         let mut maps = Vec::with_capacity(images.len());
         let mut total = 0;
@@ -124,6 +156,11 @@ impl<'a> Sources<'a> {
             starts,
             total,
             maps,
+            pace: Pace {
+                rate,
+                start: std::time::Instant::now(),
+                dispatched: Mutex::new(0),
+            },
         }
     }
 
@@ -279,7 +316,7 @@ fn report_salvaged(opts: &ConvertOptions, salvaged: &[(u64, Error)]) {
 /// Converts `sources` into `target`. The target must be at least as large as the sum of
 /// the sources.
 pub fn convert(sources: &[Arc<dyn Image>], target: Target, opts: &ConvertOptions) -> Result<()> {
-    let src = Sources::new(sources, opts.map_sources);
+    let src = Sources::new(sources, opts.map_sources, opts.rate_limit);
     if target.len() < src.total {
         return Err(Error::InvalidArgument(
             "The target is smaller than the source".into(),
@@ -482,7 +519,7 @@ fn convert_pipelined(
             });
         }
         drop(tx);
-        result = write_jobs(&rx, &target, opts, chunks, &window, total);
+        result = write_jobs(src, &rx, &target, opts, chunks, &window, total);
         if result.is_err() {
             failed.store(true, Ordering::Relaxed);
             window.cv.notify_all();
@@ -500,6 +537,7 @@ fn convert_pipelined(
 
 /// The writer's side of [`convert_pipelined`]: takes jobs, writes them in chunk order.
 fn write_jobs(
+    src: &Sources,
     rx: &std::sync::mpsc::Receiver<(u64, Result<Job>)>,
     target: &Target,
     opts: &ConvertOptions,
@@ -526,6 +564,8 @@ fn write_jobs(
         };
         let job: Job = job?;
         report_salvaged(opts, &job.salvaged);
+        let len = CHUNK.min(total - job.start);
+        src.pace.wait(len, len);
         write_job(target, opts, &job).map_err(writing(job.start))?;
         done += CHUNK.min(total - job.start);
         let mut st = window.state.lock().unwrap();
@@ -704,9 +744,17 @@ fn copy_chunk_inner(
     gate: Option<(&Turn, u64)>,
     failed: &AtomicBool,
 ) -> Result<()> {
-    let wait = || match gate {
-        Some((t, c)) => t.wait(c, failed),
-        None => Ok(()),
+    let buf_len = buf.len() as u64;
+    let granule = match target {
+        Target::Qcow2(w) if opts.compress => w.cluster_size(),
+        _ => buf_len,
+    };
+    let wait = || {
+        if let Some((t, c)) = gate {
+            t.wait(c, failed)?;
+        }
+        src.pace.wait(buf_len, granule);
+        Ok(())
     };
     if opts.top_only {
         return copy_chunk_top_only(src, target, opts, start, buf, wait);
