@@ -194,6 +194,15 @@ impl Refcounts {
         // cluster is free: put the block there, describing itself.
         let cs = self.cs();
         let b = i * self.per_block;
+        // That holds only past the end of the file: in a consistent image every cluster
+        // in the file is covered (the header by block 0 at least), so a missing block
+        // for clusters the file holds means a damaged refcount table, and the cluster
+        // may well be the header or a table. Never write over it.
+        if b * cs < file.len()? {
+            return Err(Error::Corrupt(format!(
+                "Refcount block {i} is missing for clusters inside the image file"
+            )));
+        }
         let mut data = vec![0u8; cs as usize];
         rc::set(&mut data, self.order, 0, 1);
         file.write_at(&data, b * cs)?;
