@@ -276,7 +276,7 @@ fn nbd_writes_match_qemu_reference() {
         (Some(0), Some(true))
     );
     assert_eq!(e["offset"].as_u64(), Some(e["start"].as_u64().unwrap()));
-    let e = at(1600 * 1024);
+    let e = at(1_200_000);
     assert_eq!(
         (e["depth"].as_u64(), e["present"].as_bool()),
         (Some(1), Some(true))
@@ -470,6 +470,10 @@ fn malformed_headers_fail_cleanly() {
     .ok();
     qimg(cwd, ["info", "good.add-cow"]).ok();
     let good = std::fs::read(t.join("good.add-cow")).unwrap();
+    // New files use max(4096, cluster size) as the header size: 64 KiB here.
+    let hs = u32::from_le_bytes(good[40..44].try_into().unwrap());
+    assert_eq!(hs, 65536);
+    let hs64 = hs as u64;
     let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
         (
             "magic",
@@ -502,12 +506,12 @@ fn malformed_headers_fail_cleanly() {
         ),
         (
             "bitmap",
-            Box::new(|p: &Path| {
+            Box::new(move |p: &Path| {
                 std::fs::File::options()
                     .write(true)
                     .open(p)
                     .unwrap()
-                    .set_len(4097)
+                    .set_len(hs64 + 1)
                     .unwrap()
             }),
             "COW bitmap is truncated",
@@ -529,8 +533,8 @@ fn malformed_headers_fail_cleanly() {
         ),
         (
             "backing-offset",
-            Box::new(|p: &Path| {
-                put_le32(p, 4, 4090);
+            Box::new(move |p: &Path| {
+                put_le32(p, 4, hs - 10);
                 put_le32(p, 8, 100);
             }),
             "backing file name",
