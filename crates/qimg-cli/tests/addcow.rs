@@ -443,6 +443,9 @@ fn create_sizes_and_small_clusters() {
     assert!(!t.join("e.raw").exists());
 }
 
+/// A way to damage a copy of a good add-cow file.
+type Damage = Box<dyn Fn(&Path)>;
+
 fn put_le32(p: &Path, off: u64, v: u32) {
     write_at(p, off, &v.to_le_bytes());
 }
@@ -474,7 +477,7 @@ fn malformed_headers_fail_cleanly() {
     let hs = u32::from_le_bytes(good[40..44].try_into().unwrap());
     assert_eq!(hs, 65536);
     let hs64 = hs as u64;
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "magic",
             Box::new(|p: &Path| write_at(p, 0, b"XCOW")),

@@ -150,7 +150,7 @@ fn parse_name(h: &[u8], header_size: u32, off: u32, len: u32, what: &str) -> Res
             "{what} length {len} is out of range (1..={MAX_NAME_LEN})"
         )));
     }
-    let end = off.checked_add(len).unwrap_or(u32::MAX);
+    let end = off.saturating_add(len);
     if off < FIXED_LEN || end > header_size {
         return Err(bad(format!(
             "{what} at {off}+{len} lies outside the name area ({FIXED_LEN}..{header_size})"
@@ -481,7 +481,7 @@ impl AddCow {
         let mut c = first + 1;
         while c <= last {
             // Whole bytes equal to the run's state are skipped eight clusters at a time.
-            if c % 8 == 0 && c + 8 <= last + 1 {
+            if c.is_multiple_of(8) && c + 8 <= last + 1 {
                 let byte = bm.bits[(c / 8) as usize];
                 if byte == if state { 0xff } else { 0 } {
                     c += 8;
