@@ -603,3 +603,94 @@ fn malformed_headers_fail_cleanly() {
         }
     }
 }
+
+/// A qcow2 overlay on top of an add-cow image on top of a qcow2 base: writes through
+/// `qimg serve` at the top copy-on-write from the whole chain, the add-cow layer and the
+/// base stay unchanged, and `convert` flattens the three layers like the reference.
+#[test]
+fn qcow2_overlay_over_addcow() {
+    if testing_qemu_img_itself() {
+        return;
+    }
+    let t = Tmp::new("addcow-chain");
+    let cwd = t.path();
+    make_backing(cwd);
+    let sub = t.subdir("mid");
+    // The add-cow layer lives in a subdirectory: its names resolve from there.
+    qimg(
+        &sub,
+        [
+            "create",
+            "-q",
+            "-f",
+            "add-cow",
+            "-o",
+            "backing_file=../base.qcow2,backing_fmt=qcow2,image_file=mid.raw",
+            "mid.add-cow",
+        ],
+    )
+    .ok();
+    qemu_img_ok(
+        cwd,
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "base.qcow2",
+            "ref.raw",
+        ],
+    );
+    let cmds: Vec<String> = ["write -P 0x91 60000 10000", "write -z 3000000 100000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    write_both(cwd, "mid/mid.add-cow", "ref.raw", &cmds);
+    qimg(
+        cwd,
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid/mid.add-cow",
+            "-F",
+            "add-cow",
+            "top.qcow2",
+        ],
+    )
+    .ok();
+    let mid_before = std::fs::read(sub.join("mid.raw")).unwrap();
+    let meta_before = std::fs::read(sub.join("mid.add-cow")).unwrap();
+    let cmds = ["write -P 0x92 65000 1000", "write -P 0x93 3050000 200000"];
+    let srv = Serve::start(cwd, &["-f", "qcow2", "top.qcow2"]);
+    io_opts(cwd, &["-f", "raw"], &srv.uri(), &cmds);
+    srv.finish();
+    io(cwd, "raw", "ref.raw", &cmds);
+    assert_eq!(std::fs::read(sub.join("mid.raw")).unwrap(), mid_before);
+    assert_eq!(std::fs::read(sub.join("mid.add-cow")).unwrap(), meta_before);
+    qimg(cwd, ["convert", "-O", "raw", "top.qcow2", "flat.raw"]).ok();
+    compare_raw(cwd, "flat.raw", "ref.raw");
+    let info = json(
+        cwd,
+        &["info", "--backing-chain", "--output=json", "top.qcow2"],
+    );
+    let formats: Vec<&str> = info
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(formats, ["qcow2", "add-cow", "qcow2"]);
+    let map = json(cwd, &["map", "--output=json", "top.qcow2"]);
+    let depths: std::collections::BTreeSet<u64> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["present"].as_bool() == Some(true))
+        .map(|e| e["depth"].as_u64().unwrap())
+        .collect();
+    assert_eq!(depths, [0, 1, 2].into_iter().collect());
+}

@@ -441,7 +441,10 @@ impl AddCow {
             return n;
         }
         let bm = self.bitmap.lock().unwrap();
-        (0..n).filter(|&c| bit(&bm.bits, c)).count() as u64
+        // Whole bytes by population count; the last byte's bits past the end are ignored.
+        let full = (n / 8) as usize;
+        let whole: u64 = bm.bits[..full].iter().map(|b| b.count_ones() as u64).sum();
+        whole + (full as u64 * 8..n).filter(|&c| bit(&bm.bits, c)).count() as u64
     }
 
     fn check_writable(&self) -> Result<()> {
