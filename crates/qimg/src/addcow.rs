@@ -25,6 +25,17 @@
 //! | 60–75 | image file format, NUL-terminated, zero-padded |
 //! | 76–header size | the two names (not NUL-terminated), zeros elsewhere |
 //!
+//! Provenance: the stored copies of the V19/V20 posts available while writing this held
+//! the general part of the text (little-endian numbers, `image_fmt` defaulting to raw,
+//! backing format probed when absent, the image file possibly larger than the backing
+//! file and then giving the size) and the changelogs (magic shortened from 8 to 4 bytes in
+//! V14, version field dropped in V18, header size `max(cluster size, 4096)` in V18, format
+//! fields NUL-terminated in V19); the V10/V12 header (8-byte magic, version, then the name
+//! offset/length pairs relative to the add-cow file, 0 meaning no backing file) and its
+//! review fixed the rules for the name fields. The byte positions from the cluster bits on
+//! follow the V18+ field order as remembered, not a verified copy of the table: if a real
+//! V20 file disagrees, this table and [`AddCowHeader::parse`] are the one place to change.
+//!
 //! The COW bitmap follows at `header size`: bit `n % 8` (least significant first) of
 //! byte `n / 8` stands for cluster `n`. The virtual size is not stored: it is the image
 //! file's length (rounded up to 512-byte sectors, as for raw images), so the bitmap
