@@ -440,6 +440,30 @@ fn create_sizes_and_small_clusters() {
         ],
         "size",
     );
+    bad(
+        &[
+            "create",
+            "-f",
+            "add-cow",
+            "-o",
+            "image_file=e7.add-cow",
+            "e7.add-cow",
+            "1M",
+        ],
+        "add-cow file itself",
+    );
+    assert!(!t.join("e7.add-cow").exists());
+    bad(
+        &[
+            "create",
+            "-f",
+            "add-cow",
+            "-o",
+            "image_file=./ref.raw,backing_file=ref.raw,backing_fmt=raw",
+            "e8.add-cow",
+        ],
+        "backing file",
+    );
     assert!(!t.join("e.raw").exists());
 }
 

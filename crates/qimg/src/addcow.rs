@@ -818,6 +818,24 @@ impl Image for AddCow {
     }
 }
 
+/// Whether two paths name the same file, for files that may not exist yet (then their
+/// directories are compared).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+        })
+    };
+    match (canon(a), canon(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// What `qimg create -f add-cow` asks for.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -871,13 +889,23 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     };
     let hbytes = header.serialize()?;
     let ipath = crate::open::resolve_relative(path, &o.image_file);
-    if std::fs::canonicalize(&ipath)
-        .ok()
-        .is_some_and(|i| std::fs::canonicalize(path).ok().is_some_and(|p| p == i))
-    {
+    if same_file(&ipath, path) {
         return Err(Error::InvalidArgument(
             "The image file cannot be the add-cow file itself".into(),
         ));
+    }
+    if let Some(b) = &o.backing_file {
+        let bpath = crate::open::resolve_relative(path, b);
+        if same_file(&ipath, &bpath) {
+            return Err(Error::InvalidArgument(
+                "The image file cannot be the backing file".into(),
+            ));
+        }
+        if same_file(path, &bpath) {
+            return Err(Error::InvalidArgument(
+                "The add-cow file cannot be its own backing file".into(),
+            ));
+        }
     }
     let max = (i64::MAX as u64) & !511;
     let size = match o.size {
