@@ -404,8 +404,16 @@ fn crash_case(size: u64, cluster_bits: u32, backing_len: u64, ops: usize, seed: 
     }
 }
 
+/// `QIMG_CRASH_SEEDS=N` runs N seeds of each case (soak), as `crash.rs` does.
 #[test]
 fn crash_every_cut_point() {
-    crash_case(256 * 1024, 12, 200 * 1024, 60, 5);
-    crash_case(512 * 1024, 16, 512 * 1024, 40, 6);
+    let seeds: u64 = std::env::var("QIMG_CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    for k in 0..seeds {
+        crash_case(256 * 1024, 12, 200 * 1024, 60, 5 + 100 * k);
+        crash_case(512 * 1024, 16, 512 * 1024, 40, 6 + 100 * k);
+        crash_case(64 * 1024 + 512, 9, 40 * 1024, 80, 7 + 100 * k);
+    }
 }
