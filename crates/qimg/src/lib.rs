@@ -1,10 +1,11 @@
 //! qimg: qcow2, raw and add-cow disk images in Rust.
 //!
 //! Layers, from the bottom: [`storage`] (files), [`ondisk`] (pure on-disk types), the
-//! formats ([`qcow2`], [`raw`]) implementing the [`image::Image`] trait, and [`ops`]
+//! formats ([`qcow2`], [`raw`], [`addcow`]) implementing the [`image::Image`] trait, and [`ops`]
 //! (format-agnostic operations such as convert and compare). See `../shared/DESIGN.md`.
 #![warn(missing_docs)]
 
+pub mod addcow;
 pub mod buf;
 pub mod error;
 pub mod fault;

@@ -23,7 +23,7 @@ pub struct MappedLayers {
 
 impl MappedLayers {
     /// Maps the file holding each layer's guest data, top first, down to the first layer
-    /// that is neither raw nor qcow2 (ranges stored below it get no view).
+    /// that is not raw, qcow2 or add-cow (ranges stored below it get no view).
     pub fn new(top: &dyn Image) -> MappedLayers {
         let mut maps = Vec::new();
         let mut layer = Some(top);
@@ -33,6 +33,9 @@ impl MappedLayers {
                 r.file()
             } else if let Some(q) = any.downcast_ref::<crate::qcow2::Qcow2>() {
                 q.data_file().unwrap_or(q.file())
+            } else if let Some(a) = any.downcast_ref::<crate::addcow::AddCow>() {
+                // Copied clusters sit at their guest offsets in the image file.
+                a.image_file()
             } else {
                 break;
             };

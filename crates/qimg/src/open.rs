@@ -1,9 +1,10 @@
 //! Opening images by name: format probing, backing chains and external data files.
 //!
-//! Backing files are resolved relative to the directory of the image that names them and
-//! opened read-only. The backing format comes from the header when recorded; otherwise it
+//! Backing files (and the image file of an add-cow image) are resolved relative to the
+//! directory of the image that names them; backing files are opened read-only. The backing format comes from the header when recorded; otherwise it
 //! is probed, as QEMU does.
 
+use crate::addcow::AddCow;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::ondisk::header::MAGIC;
@@ -63,6 +64,8 @@ pub fn probe(storage: &dyn Storage) -> Result<&'static str> {
     let version = u32::from_be_bytes(b[4..8].try_into().unwrap());
     if magic == MAGIC && version >= 2 {
         Ok("qcow2")
+    } else if b[..4] == crate::addcow::MAGIC {
+        Ok("add-cow")
     } else {
         Ok("raw")
     }
@@ -126,8 +129,84 @@ fn open_inner(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Resul
     match format.as_str() {
         "raw" => Ok(Arc::new(Raw::open(storage, opts.writable)?)),
         "qcow2" => Ok(Arc::new(build_qcow2(path, storage, opts, seen)?)),
+        "add-cow" => Ok(Arc::new(build_addcow(path, storage, opts, seen)?)),
         other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
     }
+}
+
+/// Opens the backing image `name` of the image at `path` (read-only unless
+/// `opts.writable_depth` reaches it), with `format` when the image records one.
+fn open_backing(
+    path: &Path,
+    name: &str,
+    format: Option<String>,
+    opts: &OpenOptions,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Arc<dyn Image>> {
+    let bpath = resolve_relative(path, name);
+    // With `writable_depth`, the layer that many levels down is opened for writing
+    // (commit writes into a backing file).
+    let depth = opts.writable_depth.and_then(|d| d.checked_sub(1));
+    let bopts = OpenOptions {
+        snapshot: None,
+        format,
+        writable: depth == Some(0),
+        writable_depth: depth,
+        force_share: opts.force_share,
+        no_lock: opts.no_lock,
+        ..Default::default()
+    };
+    open_inner(&bpath, &bopts, seen)
+        .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))
+}
+
+/// Opens an add-cow image on `storage` (its add-cow file): the image file named in the
+/// header, locked and writable like the add-cow file, and (unless told otherwise) the
+/// backing chain with the backing format the header records.
+fn build_addcow(
+    path: &Path,
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+    seen: &mut Vec<PathBuf>,
+) -> Result<AddCow> {
+    if opts.snapshot.is_some() {
+        return Err(Error::unsupported(
+            "Block format 'add-cow' does not support internal snapshots",
+        ));
+    }
+    let header = crate::addcow::read_header(storage.as_ref())?;
+    let ipath = resolve_relative(path, &header.image_file);
+    let icanon = std::fs::canonicalize(&ipath).unwrap_or_else(|_| ipath.clone());
+    // The image file must be neither this add-cow file nor any layer below: the second
+    // open of the same file would be a second writer (or read stale data).
+    if seen.contains(&icanon) {
+        return Err(Error::invalid(format!(
+            "add-cow image file '{}' is also the add-cow file or a backing file",
+            header.image_file
+        )));
+    }
+    seen.push(icanon);
+    let iopts = OpenOptions {
+        writable: opts.writable,
+        force_share: opts.force_share,
+        no_lock: opts.no_lock,
+        ..Default::default()
+    };
+    let image: Arc<dyn Storage> = Arc::new(
+        open_locked(&ipath, &iopts)
+            .map_err(|e| Error::invalid(format!("Could not open add-cow image file: {e}")))?,
+    );
+    let backing = match (&header.backing_file, opts.no_backing) {
+        (Some(name), false) => Some(open_backing(
+            path,
+            name,
+            header.backing_format.clone(),
+            opts,
+            seen,
+        )?),
+        _ => None,
+    };
+    AddCow::open(storage, header, image, backing, opts.writable)
 }
 
 /// Opens a qcow2 image on `storage` with its data file and (unless told otherwise) its
@@ -171,21 +250,7 @@ fn build_qcow2(
         img.set_data_file(Arc::new(open_locked(&dpath, opts)?));
     }
     if let (Some(name), false) = (&h.backing_file, opts.no_backing) {
-        let bpath = resolve_relative(path, name);
-        // With `writable_depth`, the layer that many levels down is opened for writing
-        // (commit writes into a backing file).
-        let depth = opts.writable_depth.and_then(|d| d.checked_sub(1));
-        let bopts = OpenOptions {
-            snapshot: None,
-            format: h.backing_format.clone(),
-            writable: depth == Some(0),
-            writable_depth: depth,
-            force_share: opts.force_share,
-            no_lock: opts.no_lock,
-            ..Default::default()
-        };
-        let backing = open_inner(&bpath, &bopts, seen)
-            .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
+        let backing = open_backing(path, name, h.backing_format.clone(), opts, seen)?;
         img.set_backing(Some(backing));
     }
     Ok(img)
@@ -219,6 +284,13 @@ pub fn open_owned(path: &Path, opts: &OpenOptions) -> Result<OwnedImage> {
             storage,
             opts.writable,
         )?))),
+        "add-cow" => {
+            let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            let mut seen = vec![canon];
+            Ok(OwnedImage::Other(Arc::new(build_addcow(
+                path, storage, opts, &mut seen,
+            )?)))
+        }
         other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
     }
 }

@@ -20,6 +20,19 @@ pub fn as_qcow2(img: &dyn Image) -> Option<&Qcow2> {
     img.as_any().downcast_ref::<Qcow2>()
 }
 
+/// The add-cow engine behind an image, if it is one.
+pub fn as_addcow(img: &dyn Image) -> Option<&qimg::addcow::AddCow> {
+    img.as_any().downcast_ref::<qimg::addcow::AddCow>()
+}
+
+/// The backing file name a layer records in its header (qcow2 or add-cow).
+pub fn recorded_backing(layer: &dyn Image) -> Option<String> {
+    if let Some(q) = as_qcow2(layer) {
+        return q.header().backing_file.clone();
+    }
+    as_addcow(layer).and_then(|a| a.header().backing_file.clone())
+}
+
 /// File names of every layer of the chain, top first, as QEMU names them: the top as
 /// given, each backing file resolved against the directory of the image naming it.
 pub fn chain_filenames(top_name: &str, top: &dyn Image) -> Vec<String> {
@@ -27,8 +40,7 @@ pub fn chain_filenames(top_name: &str, top: &dyn Image) -> Vec<String> {
     let mut layer = top;
     let mut name = PathBuf::from(top_name);
     while let Some(b) = layer.backing() {
-        let next = as_qcow2(layer)
-            .and_then(|q| q.header().backing_file.clone())
+        let next = recorded_backing(layer)
             .map(|bf| resolve_relative(&name, &bf))
             .unwrap_or_default();
         names.push(next.display().to_string());
@@ -38,8 +50,14 @@ pub fn chain_filenames(top_name: &str, top: &dyn Image) -> Vec<String> {
     names
 }
 
-/// The name of the file holding a layer's data (its external data file, if any).
+/// The name of the file holding a layer's data (its external data file, or an add-cow
+/// image's image file).
 pub fn data_filename(layer_name: &str, layer: &dyn Image) -> String {
+    if let Some(a) = as_addcow(layer) {
+        return resolve_relative(Path::new(layer_name), &a.header().image_file)
+            .display()
+            .to_string();
+    }
     if let Some(q) = as_qcow2(layer) {
         if q.header().has_data_file() {
             if let Some(df) = &q.header().data_file {

@@ -194,6 +194,16 @@ pub(crate) const RAW_OPTS: &[(&str, &str)] = &[
     ("extent_size_hint", "size"),
 ];
 
+/// add-cow creation options (qimg's own: QEMU never merged the format).
+pub(crate) const ADDCOW_OPTS: &[(&str, &str)] = &[
+    ("size", "size"),
+    ("backing_file", "str"),
+    ("backing_fmt", "str"),
+    ("image_file", "str"),
+    ("image_fmt", "str"),
+    ("cluster_size", "size"),
+];
+
 /// Lists the creation options of a format (`-o help`).
 pub fn print_options_help(ctx: &Ctx, fmt: &str) -> i32 {
     let help: &[(&str, &str)] = match fmt {
@@ -250,6 +260,14 @@ pub fn print_options_help(ctx: &Ctx, fmt: &str) -> i32 {
                 "preallocation=<str>",
                 "Preallocation mode (allowed values: off, falloc, full)",
             ),
+            ("size=<size>", "Virtual disk size"),
+        ],
+        "add-cow" => &[
+            ("backing_file=<str>", "File name of a base image"),
+            ("backing_fmt=<str>", "Image format of the base image"),
+            ("cluster_size=<size>", "add-cow cluster size"),
+            ("image_file=<str>", "File name of the raw image file"),
+            ("image_fmt=<str>", "Image format of the image file (raw)"),
             ("size=<size>", "Virtual disk size"),
         ],
         _ => {
@@ -355,6 +373,7 @@ pub fn create_image(
     let table = match fmt {
         "qcow2" => QCOW2_OPTS,
         "raw" => RAW_OPTS,
+        "add-cow" => ADDCOW_OPTS,
         _ => return Err(fail(&format!("Unknown file format '{fmt}'"))),
     };
     let mut pairs = options.pairs();
@@ -369,6 +388,25 @@ pub fn create_image(
         return Err(fail("Backing file not supported for file format 'raw'"));
     }
     let mut size = size.or_else(|| get(&vals, "size").and_then(|s| s.parse().ok()));
+    if fmt == "add-cow" {
+        let Some(image_file) = get(&vals, "image_file").filter(|i| !i.is_empty()) else {
+            return Err(fail(
+                "add-cow images need an image file (-o image_file=NAME)",
+            ));
+        };
+        if let Some(f) = get(&vals, "image_fmt").filter(|f| *f != "raw") {
+            return Err(fail(&format!(
+                "add-cow image file format '{f}' is not supported (only raw)"
+            )));
+        }
+        // An existing image file gives the size (it may be larger than the backing file).
+        if size.is_none() {
+            let ipath = qimg::open::resolve_relative(std::path::Path::new(filename), image_file);
+            if let Ok(md) = std::fs::metadata(&ipath) {
+                size = Some(md.len());
+            }
+        }
+    }
     let backing_file = get(&vals, "backing_file").map(str::to_string);
     let backing_format = get(&vals, "backing_fmt").map(str::to_string);
     if let Some(bf) = &backing_file {
@@ -413,7 +451,25 @@ pub fn create_image(
     // The "Formatting" line, with the options qemu-img shows.
     let size_r = size.div_ceil(512) * 512;
     let mut line = format!("Formatting '{filename}', fmt={fmt}");
-    if fmt == "qcow2" {
+    if fmt == "add-cow" {
+        line += &format!(" size={size}");
+        for k in [
+            "backing_file",
+            "backing_fmt",
+            "image_file",
+            "image_fmt",
+            "cluster_size",
+        ] {
+            let v = get(&vals, k).map(str::to_string).or_else(|| match k {
+                "image_fmt" => Some("raw".into()),
+                "cluster_size" => Some("65536".into()),
+                _ => None,
+            });
+            if let Some(v) = v {
+                line += &format!(" {k}={v}");
+            }
+        }
+    } else if fmt == "qcow2" {
         let defaults: &[(&str, String)] = &[
             ("cluster_size", "65536".into()),
             ("extended_l2", "off".into()),
@@ -453,6 +509,16 @@ pub fn create_image(
         Some(p) => Preallocation::parse(p).map_err(|e| fail(&e.to_string()))?,
     };
     let path = std::path::Path::new(filename);
+    if fmt == "add-cow" {
+        let co = qimg::addcow::CreateOptions {
+            size: Some(size),
+            image_file: get(&vals, "image_file").unwrap_or_default().to_string(),
+            backing_file: backing_file.clone(),
+            backing_format: backing_format.clone(),
+            cluster_size: get(&vals, "cluster_size").and_then(|c| c.parse().ok()),
+        };
+        return qimg::addcow::create(path, &co).map_err(|e| fail(&e.to_string()));
+    }
     if fmt == "raw" {
         return create_raw(path, size_r, prealloc).map_err(|e| fail(&e.to_string()));
     }

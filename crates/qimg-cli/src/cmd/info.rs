@@ -1,6 +1,6 @@
 //! `qemu-img info`: describe an image (and its backing chain).
 use crate::args::{HasArg, Item, Key, LongOpt};
-use crate::cmd::common::{as_qcow2, open};
+use crate::cmd::common::{as_addcow, as_qcow2, open};
 use crate::ctx::print_ignore;
 use crate::ctx::{run_getopt, Ctx, Parsed};
 use crate::fmt::{
@@ -135,9 +135,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
 pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
     let mut m = Map::new();
     let q = as_qcow2(img);
-    let file = match q {
-        Some(q) => q.file().clone(),
-        None => img
+    let ac = as_addcow(img);
+    let file = match (q, ac) {
+        (Some(q), _) => q.file().clone(),
+        (None, Some(a)) => a.meta_file().clone(),
+        (None, None) => img
             .as_any()
             .downcast_ref::<qimg::raw::Raw>()
             .map(|r| r.file().clone())
@@ -241,6 +243,33 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
         m.insert(
             "format-specific".into(),
             json!({"type": "qcow2", "data": Value::Object(d)}),
+        );
+    }
+    if let Some(a) = ac {
+        // QEMU has no add-cow driver to imitate: the qcow2 keys where they mean the same,
+        // and the image file under format-specific.
+        let h = a.header();
+        m.insert("cluster-size".into(), json!(h.cluster_size()));
+        if let Some(b) = &h.backing_file {
+            m.insert("backing-filename".into(), json!(b));
+            let full = resolve_relative(Path::new(filename), b);
+            m.insert(
+                "full-backing-filename".into(),
+                json!(full.display().to_string()),
+            );
+            if let Some(f) = &h.backing_format {
+                m.insert("backing-filename-format".into(), json!(f));
+            }
+        }
+        let full = resolve_relative(Path::new(filename), &h.image_file);
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "add-cow", "data": {
+                "image-file": h.image_file,
+                "full-image-file": full.display().to_string(),
+                "image-file-format": h.image_format,
+                "copied-clusters": a.copied_clusters(),
+            }}),
         );
     }
     let child = json!({
