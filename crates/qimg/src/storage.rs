@@ -472,8 +472,8 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let end = mem_end(offset, buf.len() as u64)?;
         let mut data = self.data.write().unwrap();
-        let end = offset as usize + buf.len();
         if data.len() < end {
             data.resize(end, 0);
         }
@@ -486,11 +486,27 @@ impl Storage for MemStorage {
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        self.data.write().unwrap().resize(len as usize, 0);
+        let len = mem_end(len, 0)?;
+        self.data.write().unwrap().resize(len, 0);
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// The largest file [`MemStorage`] holds. Like a filesystem's maximum file size (EFBIG),
+/// so that a write at an absurd offset (from a damaged image) fails as it would on a real
+/// file instead of trying to allocate that much memory.
+const MEM_MAX_LEN: u64 = 1 << 30;
+
+fn mem_end(offset: u64, len: u64) -> Result<usize> {
+    match offset.checked_add(len) {
+        Some(end) if end <= MEM_MAX_LEN => Ok(end as usize),
+        _ => Err(Error::io(
+            "Could not write",
+            std::io::Error::from_raw_os_error(libc::EFBIG),
+        )),
     }
 }
