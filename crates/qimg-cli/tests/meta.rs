@@ -815,3 +815,68 @@ fn create_with_guid_option() {
         &["create", "-q", "-f", "raw", "-o", "guid=on", "x.raw", "1M"],
     );
 }
+
+/// Changes that span several header sectors go through the staged update (backing file
+/// name moved first, then the switch sector last); QEMU must read every result.
+#[test]
+fn large_changes_with_a_backing_file() {
+    if skip() {
+        return;
+    }
+    for opts in ["", "cluster_size=4096,compat=0.10"] {
+        let t = Tmp::new("meta-large");
+        let dir = t.path();
+        let v = Variant {
+            name: "large",
+            create: opts,
+            backing: true,
+            bitmap: false,
+        };
+        make_variant(dir, &v);
+        let a = "a".repeat(2000);
+        let b = "b".repeat(1500);
+        for (args, want) in [
+            (
+                vec![
+                    "--set",
+                    &*format!("blob={a}"),
+                    "--set",
+                    "small=1",
+                    "--guid",
+                    GUID,
+                ],
+                format!("guid: {GUID}\nmetadata:\n    blob: {a}\n    small: 1\n"),
+            ),
+            (
+                vec!["--set", &*format!("blob={b}"), "--set", "c=2"],
+                format!("guid: {GUID}\nmetadata:\n    blob: {b}\n    c: 2\n    small: 1\n"),
+            ),
+            (
+                vec!["--remove", "blob"],
+                format!("guid: {GUID}\nmetadata:\n    c: 2\n    small: 1\n"),
+            ),
+            (
+                vec!["--clear", "--remove-guid"],
+                "guid: none\nmetadata: none\n".into(),
+            ),
+            (
+                vec!["--set", &*format!("blob={a}")],
+                format!("guid: none\nmetadata:\n    blob: {a}\n"),
+            ),
+        ] {
+            let mut args = args.clone();
+            args.push("img.qcow2");
+            meta_ok(dir, &args);
+            assert_eq!(listing(dir, "img.qcow2"), want, "{opts}: {args:?}");
+            check_clean(dir, "img.qcow2");
+            info_same(dir, "img.qcow2");
+            reads_ok(dir, &v);
+        }
+        qemu_img_ok(dir, &["resize", "img.qcow2", "+1M"]);
+        assert_eq!(
+            listing(dir, "img.qcow2"),
+            format!("guid: none\nmetadata:\n    blob: {a}\n")
+        );
+        reads_ok(dir, &v);
+    }
+}

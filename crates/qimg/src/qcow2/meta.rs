@@ -290,10 +290,178 @@ pub fn update_header_metadata(
     }
     // Whatever a writer left unflushed is durable before the header changes.
     file.flush()?;
-    let bytes = new.serialize()?;
-    file.write_at(&bytes, 0)?;
+    let canonical = new.serialize()?;
+    let changed = (0..cs / SECTOR)
+        .filter(|&i| buf[i * SECTOR..(i + 1) * SECTOR] != canonical[i * SECTOR..(i + 1) * SECTOR])
+        .count();
+    if changed > 1 {
+        if let Some(plan) = Staged::plan(&disk, &buf, &new, &canonical) {
+            plan.run(file)?;
+            new.backing_file_offset = plan.name_at as u64;
+            return Ok((new, result));
+        }
+    }
+    // One changed sector: a single write is the atomic switch. (Or a staged change does
+    // not fit: the plain rewrite QEMU itself would do.)
+    file.write_at(&canonical, 0)?;
     file.flush()?;
     Ok((new, result))
+}
+
+/// The unit a device writes atomically, as the rest of the engine assumes.
+const SECTOR: usize = 512;
+
+/// Where the extension chain of the header cluster `buf` ends: the offset just past
+/// the end marker (or `limit`, where extensions may run up to without one).
+fn chain_end(buf: &[u8], start: usize, limit: usize) -> usize {
+    let mut off = start;
+    while off + 8 <= limit {
+        let typ = crate::ondisk::be32(buf, off);
+        let len = crate::ondisk::be32(buf, off + 4) as usize;
+        if typ == 0 {
+            return off + 8;
+        }
+        off = off.saturating_add(8 + len.div_ceil(8) * 8);
+    }
+    limit.min(off)
+}
+
+/// A header change spread over several sectors, done so that a power cut at any point
+/// leaves the old metadata, the new metadata or none, and always the right backing file
+/// name:
+///
+/// 1. the backing file name is written where neither header uses the space (unless it
+///    can stay where it is), and the backing file offset switched to it with one small
+///    write;
+/// 2. unless the old extensions end within the sector where the first changed one starts,
+///    an end marker is written there: the chain ends before qimg's extensions (metadata
+///    briefly gone, everything else intact);
+/// 3. the sectors after that one get their new contents (nothing reads them now);
+/// 4. that sector is written last: one sector, the switch.
+///
+/// Each step is flushed before the next. The name stays at its new place (QEMU reads it
+/// wherever the offset points, and moves it back on its next header rewrite).
+#[derive(Debug)]
+struct Staged {
+    /// Final contents of the header cluster.
+    target: Vec<u8>,
+    /// Current contents.
+    current: Vec<u8>,
+    /// Offset of the first extension that changes (an extension boundary in both).
+    first: usize,
+    /// Final offset of the backing file name.
+    name_at: usize,
+    /// The name and the offset it has now, if any.
+    name: Option<(Vec<u8>, usize)>,
+    /// Whether the old chain reaches past the sector of `first`.
+    truncate: bool,
+}
+
+impl Staged {
+    fn plan(old: &Header, current: &[u8], new: &Header, canonical: &[u8]) -> Option<Staged> {
+        let cs = current.len();
+        let fixed = if new.version >= 3 {
+            new.header_length as usize
+        } else {
+            crate::ondisk::header::V2_HEADER_LEN as usize
+        };
+        // Walk the new chain to the first extension whose bytes differ from the old ones
+        // at the same place: everything before it is shared by both chains.
+        let new_end = chain_end(canonical, fixed, cs);
+        let mut first = fixed;
+        while first + 8 <= new_end {
+            let len = crate::ondisk::be32(canonical, first + 4) as usize;
+            let next = (first + 8 + len.div_ceil(8) * 8).min(new_end);
+            if crate::ondisk::be32(canonical, first) == 0
+                || current[first..next] != canonical[first..next]
+            {
+                break;
+            }
+            first = next;
+        }
+        let old_limit = if old.backing_file_offset != 0 {
+            old.backing_file_offset as usize
+        } else {
+            cs
+        };
+        let old_chain_end = chain_end(current, fixed, old_limit.min(cs));
+        let mut target = canonical.to_vec();
+        let (name_at, name) = match &new.backing_file {
+            None => (0, None),
+            Some(n) => {
+                let n = n.as_bytes().to_vec();
+                let a = old.backing_file_offset as usize;
+                let old_end = old_chain_end.max(a + old.backing_file_size as usize);
+                let b = if a >= new_end && a + n.len() <= cs {
+                    a
+                } else {
+                    old_end.max(new_end).div_ceil(8) * 8
+                };
+                if b + n.len() > cs {
+                    return None;
+                }
+                let canon_at = new.backing_file_offset as usize;
+                target[canon_at..canon_at + n.len()].fill(0);
+                target[b..b + n.len()].copy_from_slice(&n);
+                crate::ondisk::put64(&mut target, 8, b as u64);
+                (b, Some((n, a)))
+            }
+        };
+        let truncate = old_chain_end > (first / SECTOR + 1) * SECTOR;
+        Some(Staged {
+            target,
+            current: current.to_vec(),
+            first,
+            name_at,
+            name,
+            truncate,
+        })
+    }
+
+    fn run(&self, file: &dyn Storage) -> Result<()> {
+        let sp = self.first / SECTOR;
+        let mut cur = self.current.clone();
+        let write = |cur: &mut Vec<u8>, from: usize, to: usize, bytes: &[u8]| -> Result<()> {
+            cur[from..to].copy_from_slice(bytes);
+            file.write_at(bytes, from as u64)?;
+            file.flush()
+        };
+        if let Some((n, a)) = &self.name {
+            let b = self.name_at;
+            if b != *a {
+                write(&mut cur, b, b + n.len(), n)?;
+                let mut off = [0u8; 8];
+                crate::ondisk::put64(&mut off, 0, b as u64);
+                if sp == 0 && self.truncate {
+                    // Offset and end marker in one sector write.
+                    let mut s0 = cur[..SECTOR].to_vec();
+                    s0[8..16].copy_from_slice(&off);
+                    s0[self.first..self.first + 8].fill(0);
+                    write(&mut cur, 0, SECTOR, &s0)?;
+                } else {
+                    write(&mut cur, 8, 16, &off)?;
+                }
+            }
+        }
+        if self.truncate && cur[self.first..self.first + 8] != [0u8; 8] {
+            write(&mut cur, self.first, self.first + 8, &[0u8; 8])?;
+        }
+        // Nothing references the sectors after the switch sector now.
+        let tail = (sp + 1) * SECTOR;
+        let differs = |i: usize, cur: &[u8]| {
+            cur[i * SECTOR..(i + 1) * SECTOR] != self.target[i * SECTOR..(i + 1) * SECTOR]
+        };
+        let n = cur.len() / SECTOR;
+        if let Some(last) = (sp + 1..n).rev().find(|&i| differs(i, &cur)) {
+            let end = (last + 1) * SECTOR;
+            let bytes = self.target[tail..end].to_vec();
+            write(&mut cur, tail, end, &bytes)?;
+        }
+        let bytes = self.target[sp * SECTOR..tail].to_vec();
+        write(&mut cur, sp * SECTOR, tail, &bytes)?;
+        debug_assert_eq!(cur, self.target);
+        Ok(())
+    }
 }
 
 /// Errors are not `Clone`; the decoding errors are all `Invalid` or `Unsupported`.
