@@ -27,21 +27,34 @@
 //! it is always accepted. A longer backing file name is not reserved for.
 //!
 //! # Power cuts
-//! The old and the new header differ only from the first byte of qimg's extensions (they
-//! are written after QEMU's ones) to the end of the backing file name, and in the backing
-//! file offset (bytes 8..16) when the image has a backing file. When all of that lies in
-//! the first 512-byte sector — always for 512-byte clusters, and for every image whose
-//! header (with its extensions and backing file name) ends within 512 bytes — the update
-//! is a single-sector write and a cut leaves the old or the new header, on storage that
-//! writes sectors atomically (the assumption the rest of the engine makes). Otherwise a cut
-//! during the write may leave a mix of old and new sectors. The flush before the write
-//! means only the header can be affected, never the image's data or its tables: at worst
-//! the extension chain no longer parses (QEMU and qimg refuse to open the image with
-//! "Header extension too large", or ignore or misreport the metadata) or the backing
-//! file name is read from the wrong offset ("Could not open backing file"; fixed with
-//! `rebase -u`). Rerunning the same `qimg meta` command after such a cut rewrites the
-//! whole header again once the image opens; `--clear` and `--guid` replace a damaged
-//! extension without reading it.
+//! Pending metadata is flushed first, so a cut can only ever affect the header cluster;
+//! the image's tables and data are never touched (checked at every cut point, with
+//! every combination of torn sectors, in `crates/qimg/tests/meta_crash.rs`).
+//!
+//! QEMU rewrites the whole header cluster with one write, which is atomic only when the
+//! bytes that change lie in one 512-byte sector (storage is assumed to write sectors
+//! atomically, as everywhere in the engine). qimg does the same single write in that
+//! case: always with 512-byte clusters, and for small changes. A larger change is
+//! staged ([`Staged`]) so that no torn state is ever unreadable or names the wrong
+//! backing file (which a single torn write can do: measured, a new first sector with
+//! old later ones reads the backing file name from the wrong place):
+//!
+//! 1. the backing file name is copied to space neither header uses and the offset in
+//!    the first sector switched to it (one 8-byte write);
+//! 2. if the old extensions reach past the sector where the first changed extension
+//!    starts, an end marker is written at that extension: the image is briefly without
+//!    that extension and the ones after it;
+//! 3. the new extension bytes after that sector are written (nothing references them);
+//! 4. that sector is written last: the switch.
+//!
+//! Every step is flushed before the next, so after a cut the GUID and the keys are each
+//! the old value, the new one or absent, and everything else reads as before. The name
+//! stays where step 1 put it until QEMU's next header rewrite moves it back; QEMU reads
+//! it wherever the offset points. Running the command again completes an interrupted
+//! change (a `--remove` of a key that is then already gone reports it missing).
+//!
+//! When the header cluster has no room for the name past both the old and the new
+//! extensions (a nearly full header), the change falls back to the single write.
 
 use super::Qcow2;
 use crate::error::{Error, Result};
