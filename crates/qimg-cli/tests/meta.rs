@@ -688,6 +688,51 @@ fn command_line_errors_and_locking() {
     }
     drop(held);
     meta_ok(dir, &["--set", "k=w", "img.qcow2"]);
+
+    // An image marked corrupt is listed but not changed, as QEMU opens it read-only only.
+    let mut b = std::fs::read(dir.join("img.qcow2")).unwrap();
+    b[79] |= 2;
+    std::fs::write(dir.join("corrupt.qcow2"), &b).unwrap();
+    meta_fails(
+        dir,
+        &["--new-guid", "corrupt.qcow2"],
+        "Image is corrupt; cannot be opened read/write",
+    );
+    assert_eq!(std::fs::read(dir.join("corrupt.qcow2")).unwrap(), b);
+    assert_eq!(
+        listing(dir, "corrupt.qcow2"),
+        "guid: none\nmetadata:\n    k: w\n"
+    );
+
+    // External data file: only the header changes; the data file is not even opened.
+    qemu_img_ok(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.raw,data_file_raw=on",
+            "df.qcow2",
+            "4M",
+        ],
+    );
+    io(dir, "qcow2", "df.qcow2", &["write -P 0x12 0 64k"]);
+    meta_ok(dir, &["--set", "k=v", "--guid", GUID, "df.qcow2"]);
+    assert_eq!(
+        listing(dir, "df.qcow2"),
+        format!("guid: {GUID}\nmetadata:\n    k: v\n")
+    );
+    check_clean(dir, "df.qcow2");
+    info_same(dir, "df.qcow2");
+    io(dir, "qcow2", "df.qcow2", &["read -P 0x12 0 64k"]);
+    // --image-opts names the file as other commands accept it.
+    let o = meta_ok(
+        dir,
+        &["--image-opts", "driver=qcow2,file.filename=df.qcow2"],
+    );
+    assert!(o.stdout.contains(GUID), "{}", o.stdout);
 }
 
 #[test]

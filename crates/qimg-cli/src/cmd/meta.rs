@@ -31,8 +31,9 @@ metadata are stored in two qcow2 header extensions that QEMU does not
 interpret but keeps when it rewrites the header, so QEMU still opens the
 image. Without changes the command lists the GUID and the keys; changes are
 applied in command-line order with a single rewrite of the image header,
-and either all of them are made or none. Values that are not valid UTF-8
-are listed in hexadecimal.
+and either all of them are made or none. Values are listed as text when
+they are valid UTF-8, else in hexadecimal (the human listing also shows
+values with control characters in hexadecimal, to keep one line per key).
 
 Arguments:
   -h, --help
