@@ -348,7 +348,9 @@ fn chain_end(buf: &[u8], start: usize, limit: usize) -> usize {
 ///    write;
 /// 2. unless the old extensions end within the sector where the first changed one starts,
 ///    an end marker is written there: the chain ends before qimg's extensions (metadata
-///    briefly gone, everything else intact);
+///    briefly gone, everything else intact; so is, for this window, an extension of
+///    another program that QEMU's reordering had put after them, and that the new
+///    header puts before them);
 /// 3. the sectors after that one get their new contents (nothing reads them now);
 /// 4. that sector is written last: one sector, the switch.
 ///
