@@ -663,7 +663,12 @@ fn command_line_errors_and_locking() {
     assert!(o.stderr.contains("only for listing"), "{}", o.stderr);
     let o = qimg(dir, ["meta", "--help"]);
     assert_eq!(o.code(), Some(0));
-    assert!(o.stdout.contains("qimg's own"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("qimg's own: qemu-img has none like it"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("\n  qimg meta [-f qcow2"), "{}", o.stdout);
     assert!(o.stdout.contains("--set KEY=VALUE"), "{}", o.stdout);
 
     // Another writer holds the image: changes and a plain listing are refused, -U lists.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 const CMD: &str = "meta";
 
-/// `qimg meta --help` text (`qemu-img` is replaced by the program name).
+/// `qimg meta --help` text (`qemu-img meta` is replaced by the program name).
 pub const HELP: &str = r#"Usage:
 List or change the GUID and key/value metadata of a qcow2 image.  Usage:
 
@@ -30,8 +30,8 @@ This command is qimg's own: qemu-img has none like it. The GUID and the
 metadata are stored in two qcow2 header extensions that QEMU does not
 interpret but keeps when it rewrites the header, so QEMU still opens the
 image. Without changes the command lists the GUID and the keys; changes are
-applied in command-line order with a single rewrite of the image header,
-and either all of them are made or none. Values are listed as text when
+applied in command-line order in one update of the image header, and
+either all of them are made or none. Values are listed as text when
 they are valid UTF-8, else in hexadecimal (the human listing also shows
 values with control characters in hexadecimal, to keep one line per key).
 
@@ -129,7 +129,8 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MetaOpts> {
         };
         match key {
             Key::Short('h') => {
-                ctx.print_help(HELP);
+                // Only the usage lines name the program; the text names qemu-img itself.
+                print_ignore(&HELP.replace("qemu-img meta", &format!("{} meta", ctx.prog)));
                 return Err(0);
             }
             Key::Short('f') => o.format = Some(arg),
