@@ -243,6 +243,11 @@ fn qemu_rewrites(v: &Variant) -> Vec<Vec<&'static str>> {
     ops.push(vec!["bitmap", "--remove", "img.qcow2", "b1"]);
     ops.push(vec!["amend", "-o", "lazy_refcounts=off", "img.qcow2"]);
     ops.push(vec!["snapshot", "-d", "s1", "img.qcow2"]);
+    ops.push(vec!["check", "-r", "all", "img.qcow2"]);
+    if !v.bitmap {
+        // Persistent bitmaps prevent a downgrade.
+        ops.push(vec!["amend", "-o", "compat=0.10", "img.qcow2"]);
+    }
     ops
 }
 
