@@ -23,9 +23,10 @@
 //!   length; the qcow2 padding after it is not part of the data).
 //!
 //! No feature bit is used: the data describes the image, not its contents, so it stays
-//! true when a program that does not know it writes guest data (an autoclear bit would
-//! make QEMU drop nothing but would tell readers to distrust valid data), and an
-//! incompatible bit would stop QEMU from opening the image at all.
+//! true when a program that does not know it writes guest data. An autoclear bit would
+//! be cleared by QEMU at every read-write open, telling readers to distrust data that is
+//! still valid; an incompatible bit would stop QEMU from opening the image at all; and
+//! without any bit an image without metadata stays byte for byte what qemu-img makes.
 //!
 //! QEMU keeps unknown extensions in a list it builds by prepending, so each header
 //! rewrite by QEMU reverses their order; readers look them up by type, never by position.
