@@ -438,6 +438,18 @@ fn library_api_and_binary_values() {
     let j = parse_json(&meta_ok(dir, &["--output=json", "img.qcow2"]).stdout);
     assert_eq!(j["metadata"][0]["value-hex"], "00ff10");
     assert_eq!(j["metadata"][1]["value"], "line1\nline2");
+    // The CLI sets binary values in hexadecimal; listing them gives the same digits.
+    meta_ok(
+        dir,
+        &["--set-hex", "bin=FF00", "--set-hex", "t=6869", "img.qcow2"],
+    );
+    let st = Arc::new(FileStorage::open(&path, false).unwrap());
+    let q = Qcow2::open(st, Qcow2Options::default()).unwrap();
+    let m = q.metadata().unwrap();
+    assert_eq!(m["bin"], [0xff, 0]);
+    assert_eq!(m["t"], b"hi");
+    drop(q);
+    assert!(listing(dir, "img.qcow2").contains("\n    bin (hex): ff00\n"));
     check_clean(dir, "img.qcow2");
     io(dir, "qcow2", "img.qcow2", &["read -P 0xa5 64k 4k"]);
 }
@@ -658,7 +670,12 @@ fn command_line_errors_and_locking() {
     meta_fails(
         dir,
         &["--set", "noequals", "img.qcow2"],
-        "--set expects KEY=VALUE",
+        "--set KEY=VALUE needs a '='",
+    );
+    meta_fails(
+        dir,
+        &["--set-hex", "k=abc", "img.qcow2"],
+        "not an even number",
     );
     meta_fails(dir, &["--set", "a\tb=1", "img.qcow2"], "control character");
     meta_fails(dir, &["--guid", "not-a-guid", "img.qcow2"], "Invalid GUID");

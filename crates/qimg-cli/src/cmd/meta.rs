@@ -23,8 +23,9 @@ pub const HELP: &str = r#"Usage:
 List or change the GUID and key/value metadata of a qcow2 image.  Usage:
 
   qemu-img meta [-f qcow2 | --image-opts] [--output=human|json] [-U] FILENAME
-  qemu-img meta [-f qcow2 | --image-opts] [--set KEY=VALUE].. [--remove KEY]..
-        [--clear] [--guid UUID | --new-guid | --remove-guid].. FILENAME
+  qemu-img meta [-f qcow2 | --image-opts] [--set KEY=VALUE].. [--set-hex KEY=HEX]..
+        [--remove KEY].. [--clear] [--guid UUID | --new-guid | --remove-guid]..
+        FILENAME
 
 This command is qimg's own: qemu-img has none like it. The GUID and the
 metadata are stored in two qcow2 header extensions that QEMU does not
@@ -49,6 +50,8 @@ Arguments:
      list even when another process has the image open for writing
   --set KEY=VALUE
      sets KEY (UTF-8, not empty, no '=' or control characters) to VALUE
+  --set-hex KEY=HEX
+     sets KEY to the bytes written in hexadecimal (for binary values)
   --remove KEY
      removes KEY; fails if the image has no such key
   --clear
@@ -72,6 +75,7 @@ const GUID: u16 = 5;
 const NEW_GUID: u16 = 6;
 const REMOVE_GUID: u16 = 7;
 const IMAGE_OPTS: u16 = 8;
+const SET_HEX: u16 = 9;
 
 /// Long options, in the table order that decides how ambiguities are listed.
 const LONG: &[LongOpt] = &[
@@ -81,6 +85,7 @@ const LONG: &[LongOpt] = &[
     LongOpt::new("output", HasArg::Required, Key::Long(OUTPUT)),
     LongOpt::new("force-share", HasArg::No, Key::Short('U')),
     LongOpt::new("set", HasArg::Required, Key::Long(SET)),
+    LongOpt::new("set-hex", HasArg::Required, Key::Long(SET_HEX)),
     LongOpt::new("remove", HasArg::Required, Key::Long(REMOVE)),
     LongOpt::new("clear", HasArg::No, Key::Long(CLEAR)),
     LongOpt::new("guid", HasArg::Required, Key::Long(GUID)),
@@ -105,13 +110,30 @@ pub struct MetaOpts {
     pub filename: String,
 }
 
-/// Parses one `--set KEY=VALUE` argument.
-fn parse_set(arg: &str) -> Result<MetaEdit, String> {
+/// Parses one `--set KEY=VALUE` (or, `hex`, `--set-hex KEY=HEX`) argument.
+fn parse_set(arg: &str, hex: bool) -> Result<MetaEdit, String> {
+    let opt = if hex {
+        "--set-hex KEY=HEX"
+    } else {
+        "--set KEY=VALUE"
+    };
     let Some((k, v)) = arg.split_once('=') else {
-        return Err(format!("--set expects KEY=VALUE, not '{arg}'"));
+        return Err(format!("{opt} needs a '=', not '{arg}'"));
     };
     check_key(k).map_err(|e| e.to_string())?;
-    Ok(MetaEdit::Set(k.to_string(), v.as_bytes().to_vec()))
+    let value = if hex {
+        let bad = || format!("{opt}: '{v}' is not an even number of hexadecimal digits");
+        if v.len() % 2 != 0 || !v.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        (0..v.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&v[i..i + 2], 16).map_err(|_| bad()))
+            .collect::<Result<Vec<u8>, String>>()?
+    } else {
+        v.as_bytes().to_vec()
+    };
+    Ok(MetaEdit::Set(k.to_string(), value))
 }
 
 /// Parses the arguments after `meta`; usage errors are reported here.
@@ -140,7 +162,8 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MetaOpts> {
                 Ok(f) => o.output = Some(f),
                 Err(m) => return Err(ctx.usage_error(CMD, &m)),
             },
-            Key::Long(SET) => o.edits.push(parse_set(&arg).map_err(fail)?),
+            Key::Long(SET) => o.edits.push(parse_set(&arg, false).map_err(fail)?),
+            Key::Long(SET_HEX) => o.edits.push(parse_set(&arg, true).map_err(fail)?),
             Key::Long(REMOVE) => o.edits.push(MetaEdit::Remove(arg)),
             Key::Long(CLEAR) => o.edits.push(MetaEdit::Clear),
             Key::Long(GUID) => {
@@ -392,6 +415,9 @@ mod tests {
         assert_eq!(o.filename, "img");
         for bad in [
             &["--set", "novalue", "img"][..],
+            &["--set-hex", "k=0", "img"],
+            &["--set-hex", "k=zz", "img"],
+            &["--set-hex", "k=+f", "img"],
             &["--set", "=v", "img"],
             &["--guid", "xyz", "img"],
             &["-U", "--set", "a=b", "img"],
