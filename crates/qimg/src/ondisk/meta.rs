@@ -359,6 +359,51 @@ mod tests {
         }
     }
 
+    /// Random and mutated inputs never panic, and whatever decodes is the one canonical
+    /// encoding of its map.
+    #[test]
+    fn kv_decode_is_total_and_canonical() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let base = encode_kv(&map(&[("a", b"1"), ("bb", b""), ("c", &[0xff; 9])])).unwrap();
+        let (mut ok, mut bad) = (0, 0);
+        for i in 0..20000 {
+            let mut d = if i % 2 == 0 {
+                base.clone()
+            } else {
+                (0..next() % 40).map(|_| next() as u8).collect()
+            };
+            for _ in 0..1 + next() % 3 {
+                if d.is_empty() {
+                    break;
+                }
+                let at = (next() as usize) % d.len();
+                match next() % 4 {
+                    0 => d[at] = next() as u8,
+                    1 => d.truncate(at),
+                    2 => d.insert(at, next() as u8),
+                    _ => d[at] ^= 1,
+                }
+            }
+            match decode_kv(&d) {
+                Ok(m) => {
+                    assert_eq!(encode_kv(&m).unwrap(), d);
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert!(!e.to_string().contains('\n'));
+                    bad += 1;
+                }
+            }
+        }
+        assert!(ok > 100 && bad > 100, "{ok} {bad}");
+    }
+
     #[test]
     fn keys_checked_on_encode() {
         for k in ["", "a=b", "a\nb"] {
