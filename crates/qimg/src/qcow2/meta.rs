@@ -35,7 +35,7 @@
 //! bytes that change lie in one 512-byte sector (storage is assumed to write sectors
 //! atomically, as everywhere in the engine). qimg does the same single write in that
 //! case: always with 512-byte clusters, and for small changes. A larger change is
-//! staged ([`Staged`]) so that no torn state is ever unreadable or names the wrong
+//! staged (`Staged` below) so that no torn state is ever unreadable or names the wrong
 //! backing file (which a single torn write can do: measured, a new first sector with
 //! old later ones reads the backing file name from the wrong place):
 //!
