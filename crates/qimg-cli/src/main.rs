@@ -53,6 +53,11 @@ const COMMANDS: &[(&str, &str, Handler)] = &[
         cmd::measure::run,
     ),
     (
+        "meta",
+        "List or change the GUID and key/value metadata of a qcow2 image (qimg only)",
+        cmd::meta::run,
+    ),
+    (
         "rebase",
         "Change backing file of the image",
         cmd::rebase::run,

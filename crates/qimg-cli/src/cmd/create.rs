@@ -332,21 +332,82 @@ fn create_cmd(ctx: &Ctx, o: &CreateOpts) -> i32 {
     if o.help_requested || o.options.has_help() {
         return print_options_help(ctx, &fmt);
     }
-    match create_image(
+    let (options, guid) = match take_guid_option(&fmt, &o.options) {
+        Ok(x) => x,
+        Err(m) => {
+            ctx.error(&format!("{}: {m}", o.filename));
+            return 1;
+        }
+    };
+    let made = create_image(
         ctx,
         &fmt,
         &o.filename,
         o.size,
-        &o.options,
+        &options,
         o.backing.as_deref(),
         o.backing_format.as_deref(),
         o.quiet,
         o.backing_unsafe,
         None,
-    ) {
-        Ok(()) => 0,
-        Err(c) => c,
+    );
+    if let Err(c) = made {
+        return c;
     }
+    if let Some(edit) = guid {
+        if let Err(e) = set_guid(&o.filename, edit) {
+            ctx.error(&format!(
+                "{}: Could not set the image GUID: {e}",
+                o.filename
+            ));
+            return 1;
+        }
+    }
+    0
+}
+
+/// `-o guid=on|off|UUID` (qcow2 only, qimg's own option): removed from the options
+/// before the image is made (so the image and the "Formatting" line are what qemu-img
+/// makes and prints), and returned as the edit to apply afterwards. Other formats keep
+/// it, and fail on it as qemu-img does.
+fn take_guid_option(
+    fmt: &str,
+    options: &crate::opts::OptionList,
+) -> Result<(crate::opts::OptionList, Option<qimg::qcow2::meta::MetaEdit>), String> {
+    use qimg::qcow2::meta::MetaEdit;
+    let pairs = options.pairs();
+    if fmt != "qcow2" || !pairs.iter().any(|(k, _)| k == "guid") {
+        return Ok((options.clone(), None));
+    }
+    let mut rest = crate::opts::OptionList::default();
+    let mut edit = None;
+    for (k, v) in pairs {
+        if k == "guid" {
+            edit = match v.as_str() {
+                "on" => Some(MetaEdit::NewGuid),
+                "off" => None,
+                u => Some(MetaEdit::SetGuid(
+                    qimg::ondisk::meta::Guid::parse(u).map_err(|_| {
+                        format!("Parameter 'guid' expects 'on', 'off' or a UUID, not '{u}'")
+                    })?,
+                )),
+            };
+        } else {
+            rest.accumulate(&format!("{k}={}", v.replace(',', ",,")))?;
+        }
+    }
+    Ok((rest, edit))
+}
+
+/// Gives the freshly made qcow2 image `filename` its GUID (one header rewrite).
+fn set_guid(filename: &str, edit: qimg::qcow2::meta::MetaEdit) -> qimg::Result<()> {
+    let opts = qimg::open::OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let file = qimg::open::open_locked(std::path::Path::new(filename), &opts)?;
+    qimg::qcow2::meta::update_header_metadata(&file, &[edit])?;
+    Ok(())
 }
 
 /// Creates an image file of format `fmt` with `-o` options, printing the

@@ -13,6 +13,7 @@ pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod meta;
 pub mod rebase;
 pub mod resize;
 pub mod serve;

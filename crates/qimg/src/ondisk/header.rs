@@ -434,7 +434,13 @@ impl Header {
                 break;
             }
             let data = &buf[off as usize..(off + len) as usize];
-            if seen.contains(&typ) && typ != ext::FEATURE_TABLE {
+            // QEMU keeps every copy of an extension it does not know (qimg's own GUID and
+            // key/value extensions among them); their readers judge duplicates.
+            let known = matches!(
+                typ,
+                ext::BACKING_FORMAT | ext::BITMAPS | ext::CRYPTO | ext::DATA_FILE
+            );
+            if known && seen.contains(&typ) {
                 return Err(Error::invalid(format!(
                     "Duplicate header extension {typ:#x}"
                 )));
@@ -526,38 +532,7 @@ impl Header {
             self.header_length = V2_HEADER_LEN;
             off = V2_HEADER_LEN as usize;
         }
-        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
-        if let Some(f) = &self.backing_format {
-            exts.push((ext::BACKING_FORMAT, f.as_bytes().to_vec()));
-        }
-        if let Some(f) = &self.data_file {
-            exts.push((ext::DATA_FILE, f.as_bytes().to_vec()));
-        }
-        if let Some(c) = &self.crypto {
-            let mut d = vec![0u8; 16];
-            put64(&mut d, 0, c.offset);
-            put64(&mut d, 8, c.length);
-            exts.push((ext::CRYPTO, d));
-        }
-        if self.version >= 3 && cs > 4096 {
-            let table = standard_feature_table();
-            let mut d = vec![0u8; 48 * table.len()];
-            for (i, f) in table.iter().enumerate() {
-                d[i * 48] = f.kind;
-                d[i * 48 + 1] = f.bit;
-                d[i * 48 + 2..i * 48 + 2 + f.name.len()].copy_from_slice(f.name.as_bytes());
-            }
-            exts.push((ext::FEATURE_TABLE, d));
-        }
-        if let Some(bm) = &self.bitmaps {
-            let mut d = vec![0u8; 24];
-            put32(&mut d, 0, bm.nb_bitmaps);
-            put32(&mut d, 4, bm.reserved);
-            put64(&mut d, 8, bm.directory_size);
-            put64(&mut d, 16, bm.directory_offset);
-            exts.push((ext::BITMAPS, d));
-        }
-        exts.extend(self.unknown_extensions.iter().cloned());
+        let exts = self.extension_list();
         let too_big = || Error::invalid("Header does not fit in the first cluster");
         for (typ, data) in &exts {
             let padded = data.len().div_ceil(8) * 8;
@@ -590,6 +565,61 @@ impl Header {
             }
         }
         Ok(b)
+    }
+
+    /// Bytes of the first cluster that [`Header::serialize`] fills: the header, every
+    /// extension with its padding, the end marker and the backing file name. The rest of
+    /// the cluster is what header extensions may still grow into.
+    pub fn serialized_len(&self) -> usize {
+        let fixed = if self.version >= 3 {
+            V3_HEADER_LEN as usize + self.unknown_header_bytes.len()
+        } else {
+            V2_HEADER_LEN as usize
+        };
+        let exts: usize = self
+            .extension_list()
+            .iter()
+            .map(|(_, d)| 8 + d.len().div_ceil(8) * 8)
+            .sum();
+        fixed + exts + 8 + self.backing_file.as_ref().map_or(0, |n| n.len())
+    }
+
+    /// The extensions [`Header::serialize`] writes, in QEMU's order.
+    fn extension_list(&self) -> Vec<(u32, Vec<u8>)> {
+        let cs = self.cluster_size() as usize;
+        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
+        if let Some(f) = &self.backing_format {
+            exts.push((ext::BACKING_FORMAT, f.as_bytes().to_vec()));
+        }
+        if let Some(f) = &self.data_file {
+            exts.push((ext::DATA_FILE, f.as_bytes().to_vec()));
+        }
+        if let Some(c) = &self.crypto {
+            let mut d = vec![0u8; 16];
+            put64(&mut d, 0, c.offset);
+            put64(&mut d, 8, c.length);
+            exts.push((ext::CRYPTO, d));
+        }
+        if self.version >= 3 && cs > 4096 {
+            let table = standard_feature_table();
+            let mut d = vec![0u8; 48 * table.len()];
+            for (i, f) in table.iter().enumerate() {
+                d[i * 48] = f.kind;
+                d[i * 48 + 1] = f.bit;
+                d[i * 48 + 2..i * 48 + 2 + f.name.len()].copy_from_slice(f.name.as_bytes());
+            }
+            exts.push((ext::FEATURE_TABLE, d));
+        }
+        if let Some(bm) = &self.bitmaps {
+            let mut d = vec![0u8; 24];
+            put32(&mut d, 0, bm.nb_bitmaps);
+            put32(&mut d, 4, bm.reserved);
+            put64(&mut d, 8, bm.directory_size);
+            put64(&mut d, 16, bm.directory_offset);
+            exts.push((ext::BITMAPS, d));
+        }
+        exts.extend(self.unknown_extensions.iter().cloned());
+        exts
     }
 
     /// Number of bytes to read first: enough for the fixed fields of either version.
@@ -669,6 +699,30 @@ mod tests {
                 e.contains(msg),
                 "offset {off}: {e:?} does not contain {msg:?}"
             );
+        }
+    }
+
+    #[test]
+    fn unknown_extensions_may_repeat_and_serialized_len_matches() {
+        for mut h in [sample(), Header::new(2, 9, 1 << 20)] {
+            h.unknown_extensions = vec![(0x7167_6964, vec![1; 16]), (0x7167_6964, vec![2; 3])];
+            let len = h.serialized_len();
+            let buf = h.serialize().unwrap();
+            assert!(buf[len..].iter().all(|&b| b == 0));
+            assert_eq!(
+                buf[len - 16],
+                2,
+                "data of the last extension, before the end marker"
+            );
+            assert_eq!(
+                Header::parse(&buf).unwrap().unknown_extensions,
+                h.unknown_extensions
+            );
+            h.backing_file = Some("base.qcow2".into());
+            let len = h.serialized_len();
+            let buf = h.serialize().unwrap();
+            assert_eq!(len, h.backing_file_offset as usize + 10);
+            assert_eq!(&buf[len - 10..len], b"base.qcow2");
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod bitmap;
 pub mod header;
 pub mod l2;
+pub mod meta;
 pub mod refcount;
 pub mod snapshot;
 

@@ -12,6 +12,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod measure;
+pub mod meta;
 pub mod repair;
 mod reshape;
 pub mod resize;
