@@ -871,3 +871,52 @@ fn convert_rate_limit_paces_the_copy() {
         assert_eq!(c.code(), Some(0), "{}", c.describe());
     }
 }
+
+// ---- convert -C (copy offloading): same images and allocation as qemu-img's -C ---------------
+
+convert_case!(
+    convert_copy_range_raw_to_raw,
+    ["-C", "-f", "raw", "-O", "raw", "../src.raw", "out.raw"],
+    "out.raw",
+    "raw"
+);
+convert_case!(
+    convert_copy_range_raw_to_qcow2,
+    ["-C", "-f", "raw", "-O", "qcow2", "../src.raw", "out.qcow2"],
+    "out.qcow2",
+    "qcow2"
+);
+convert_case!(
+    convert_copy_range_chain_to_raw,
+    ["-C", "-O", "raw", "../top.qcow2", "out.raw"],
+    "out.raw",
+    "raw"
+);
+convert_case!(
+    convert_copy_range_chain_to_qcow2,
+    [
+        "-C",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "../top.qcow2",
+        "out.qcow2"
+    ],
+    "out.qcow2",
+    "qcow2"
+);
+convert_case!(
+    convert_copy_range_into_existing_qcow2,
+    ["-C", "-n", "-O", "qcow2", "../top.qcow2", "out.qcow2"],
+    "out.qcow2",
+    "qcow2",
+    pre_qcow2_target
+);
+convert_case!(
+    convert_copy_range_into_existing_raw,
+    ["-C", "-n", "-O", "raw", "../src.qcow2", "out.raw"],
+    "out.raw",
+    "raw",
+    pre_raw_target
+);

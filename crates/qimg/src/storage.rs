@@ -61,6 +61,59 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Allocates space for a range about to be written in full, so the filesystem does
     /// not have to reserve it block by block during the write; best effort.
     fn preallocate(&self, _offset: u64, _len: u64) {}
+    /// The file descriptor behind the storage, for copies the kernel can make itself
+    /// ([`copy_range`]). `None` for storage that is not one plain file.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off`, letting the kernel do
+/// it (`copy_file_range`: a reflink or a server-side copy where the filesystem can, an
+/// in-kernel copy otherwise) when both are plain files; falls back to reading and writing
+/// through a buffer where the kernel cannot (different filesystems, old kernels, memory).
+/// Bytes past the end of `src` are copied as zeros, as reads see them.
+pub fn copy_range(
+    src: &dyn Storage,
+    src_off: u64,
+    dst: &dyn Storage,
+    dst_off: u64,
+    len: u64,
+) -> Result<()> {
+    let mut done = 0u64;
+    if let (Some(sfd), Some(dfd)) = (src.raw_fd(), dst.raw_fd()) {
+        while done < len {
+            let mut so = (src_off + done) as libc::off64_t;
+            let mut d = (dst_off + done) as libc::off64_t;
+            let want = (len - done).min(1 << 30) as usize;
+            // SAFETY: two valid descriptors and offsets owned by this frame.
+            let n = unsafe { libc::copy_file_range(sfd, &mut so, dfd, &mut d, want, 0) };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            if n == 0 {
+                // The source ended: the rest reads as zeros, which the fallback writes.
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF,
+                ) => break,
+                _ => return Err(Error::io("Could not copy", err)),
+            }
+        }
+    }
+    let mut buf = vec![0u8; (len - done).min(1 << 20) as usize];
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        src.read_at(&mut buf[..n], src_off + done)?;
+        dst.write_at(&buf[..n], dst_off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A read-only shared mapping of a file, unmapped on drop.
@@ -157,7 +210,7 @@ impl Drop for Mapping {
 }
 
 /// Writes `len` zero bytes at `offset`, 1 MiB at a time.
-fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> Result<()> {
+pub(crate) fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> Result<()> {
     let zeros = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0;
     while done < len {
@@ -436,6 +489,11 @@ impl Storage for FileStorage {
         use std::os::fd::AsRawFd;
         let len = usize::try_from(self.len().ok()?).ok()?;
         Mapping::new(self.file.as_raw_fd(), len)
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.file.as_raw_fd())
     }
 }
 

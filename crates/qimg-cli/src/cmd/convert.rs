@@ -634,6 +634,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         salvage: o.salvage,
         on_salvaged: Some(&salvaged),
         rate_limit: o.rate.unwrap_or(0),
+        copy_range: o.copy_range,
     };
     match convert(&sources, target, &copts) {
         Ok(()) => {}

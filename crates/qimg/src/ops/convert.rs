@@ -67,6 +67,10 @@ pub struct ConvertOptions<'a> {
     pub on_salvaged: Option<&'a SalvageFn<'a>>,
     /// `-r`: at most this many bytes of the target per second (0: no limit).
     pub rate_limit: u64,
+    /// `-C`: what to store comes from the sources' block status alone (no zero
+    /// detection), and data stored uncompressed in a plain file is copied by the kernel
+    /// (`copy_file_range`) into raw and qcow2 targets, as qemu-img's copy offloading.
+    pub copy_range: bool,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -83,6 +87,7 @@ impl Default for ConvertOptions<'_> {
             salvage: false,
             on_salvaged: None,
             rate_limit: 0,
+            copy_range: false,
         }
     }
 }
@@ -420,6 +425,26 @@ enum Plan {
     /// Other targets: (start, end, zero) runs; data runs are written, zero runs are
     /// written as zeros unless the target already reads as zeros.
     Runs(Vec<(usize, usize, bool)>),
+    /// `-C`: pieces as the sources' block status gives them.
+    Copy(Vec<Piece2>),
+}
+
+/// A piece of a chunk under `convert -C`: (start, end) in the chunk and where it comes
+/// from.
+struct Piece2 {
+    a: usize,
+    b: usize,
+    from: From,
+}
+
+/// Where a `convert -C` piece comes from.
+enum From {
+    /// It reads as zeros.
+    Zero,
+    /// Read into the job's buffer (compressed data, or a layer that is not a plain file).
+    Buffer,
+    /// Stored as is in a layer's file at this offset: the kernel copies it.
+    File(Arc<dyn crate::storage::Storage>, u64),
 }
 
 /// One prepared chunk.
@@ -600,6 +625,9 @@ fn prepare_chunk<'a>(
     let len = CHUNK.min(src.total - start);
     let n = len as usize;
     let mut salvaged = Vec::new();
+    if opts.copy_range {
+        return prepare_copy(src, start, n, buf);
+    }
     let bytes = if !src.may_have_data(start, len)? {
         if opts.sparse_size == 0 {
             // -S 0 writes what reads as zeros too, from a buffer.
@@ -650,6 +678,123 @@ fn prepare_chunk<'a>(
     })
 }
 
+/// `prepare_chunk` for `convert -C`: pieces from the sources' block status; only what
+/// the kernel cannot copy is read.
+fn prepare_copy<'a>(
+    src: &'a Sources,
+    start: u64,
+    n: usize,
+    buf: &mut Option<crate::buf::AlignedBuf>,
+) -> Result<Job<'a>> {
+    let mut pieces: Vec<Piece2> = Vec::new();
+    let mut pos = 0usize;
+    while pos < n {
+        let (i, off) = src.locate(start + pos as u64);
+        let img = src.images[i].as_ref();
+        let want = ((n - pos) as u64).min(img.len() - off);
+        let e = chain_status(img, off, want)?;
+        let len = (e.len.min(want) as usize).max(1);
+        let from = if !e.data {
+            From::Zero
+        } else {
+            match (e.compressed, e.offset, layer_file(img, e.depth)) {
+                (false, Some(h), Some(f)) if f.raw_fd().is_some() => From::File(f, h),
+                _ => From::Buffer,
+            }
+        };
+        let merged = match (pieces.last_mut(), &from) {
+            (Some(p), From::Zero) if matches!(p.from, From::Zero) => {
+                p.b += len;
+                true
+            }
+            (Some(p), From::Buffer) if matches!(p.from, From::Buffer) => {
+                p.b += len;
+                true
+            }
+            (Some(p), From::File(f, h)) => match &p.from {
+                From::File(pf, ph) if Arc::ptr_eq(pf, f) && ph + (p.b - p.a) as u64 == *h => {
+                    p.b += len;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if !merged {
+            pieces.push(Piece2 {
+                a: pos,
+                b: pos + len,
+                from,
+            });
+        }
+        pos += len;
+    }
+    let bytes = if pieces.iter().any(|p| matches!(p.from, From::Buffer)) {
+        let mut b = buf
+            .take()
+            .unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
+        let mut none = Vec::new();
+        for p in pieces.iter().filter(|p| matches!(p.from, From::Buffer)) {
+            src.read(&mut b[p.a..p.b], start + p.a as u64, false, &mut none)?;
+        }
+        Bytes::Owned(b, n)
+    } else {
+        Bytes::Zero
+    };
+    Ok(Job {
+        start,
+        bytes,
+        plan: Plan::Copy(pieces),
+        salvaged: Vec::new(),
+    })
+}
+
+/// The file holding the guest data of layer `depth` under `img` (0 = `img`), when that
+/// layer is raw or qcow2.
+fn layer_file(img: &dyn Image, depth: u32) -> Option<Arc<dyn crate::storage::Storage>> {
+    let mut layer = img;
+    for _ in 0..depth {
+        layer = layer.backing()?.as_ref();
+    }
+    let any = layer.as_any();
+    if let Some(r) = any.downcast_ref::<crate::raw::Raw>() {
+        Some(r.file().clone())
+    } else {
+        any.downcast_ref::<crate::qcow2::Qcow2>()
+            .map(|q| q.data_file().unwrap_or(q.file()).clone())
+    }
+}
+
+/// Stores the pieces `[x, y)` of a `convert -C` chunk at `host` (for `x`) in `dst`.
+fn store_pieces(
+    pieces: &[Piece2],
+    data: &[u8],
+    x: usize,
+    y: usize,
+    dst: &dyn crate::storage::Storage,
+    host: u64,
+) -> Result<()> {
+    for p in pieces {
+        let (a, b) = (p.a.max(x), p.b.min(y));
+        if a >= b {
+            continue;
+        }
+        let at = host + (a - x) as u64;
+        match &p.from {
+            From::Zero => crate::storage::write_zeros(dst, at, (b - a) as u64)?,
+            From::Buffer => dst.write_at(&data[a..b], at)?,
+            From::File(f, h) => crate::storage::copy_range(
+                f.as_ref(),
+                h + (a - p.a) as u64,
+                dst,
+                at,
+                (b - a) as u64,
+            )?,
+        }
+    }
+    Ok(())
+}
+
 /// Carries out one job on the target.
 fn write_job(target: &Target, opts: &ConvertOptions, job: &Job) -> Result<()> {
     let data = job.bytes.get();
@@ -670,6 +815,39 @@ fn write_job(target: &Target, opts: &ConvertOptions, job: &Job) -> Result<()> {
                     img.write_at(&data[a..b], job.start + a as u64)?;
                 } else if !opts.target_is_zero {
                     img.write_zeroes(job.start + a as u64, (b - a) as u64, true)?;
+                }
+            }
+            Ok(())
+        }
+        (Plan::Copy(pieces), Target::Qcow2(w)) => {
+            let ranges: Vec<(usize, usize)> = pieces
+                .iter()
+                .filter(|p| !matches!(p.from, From::Zero))
+                .map(|p| (p.a, p.b))
+                .collect();
+            let placed = w.place(job.start, &w.plan_ranges(&ranges))?;
+            for &(a, b, h) in placed.writes() {
+                store_pieces(pieces, data, a, b, w.data_storage().as_ref(), h)?;
+            }
+            Ok(())
+        }
+        (Plan::Copy(pieces), Target::Image(img)) => {
+            let raw = img.as_any().downcast_ref::<crate::raw::Raw>();
+            for p in pieces {
+                let at = job.start + p.a as u64;
+                let len = (p.b - p.a) as u64;
+                match (&p.from, raw) {
+                    (From::Zero, _) if opts.target_is_zero => {}
+                    (From::Zero, _) => img.write_zeroes(at, len, true)?,
+                    (From::File(f, h), Some(r)) => {
+                        crate::storage::copy_range(f.as_ref(), *h, r.file().as_ref(), at, len)?
+                    }
+                    (From::File(f, h), None) => {
+                        let mut tmp = vec![0u8; p.b - p.a];
+                        f.read_at(&mut tmp, *h)?;
+                        img.write_at(&tmp, at)?;
+                    }
+                    (From::Buffer, _) => img.write_at(&data[p.a..p.b], at)?,
                 }
             }
             Ok(())

@@ -37,6 +37,13 @@ pub struct Placement {
     writes: Vec<(usize, usize, u64)>,
 }
 
+impl Placement {
+    /// (start, end) in the chunk and the host offset of `start`, for each stored range.
+    pub fn writes(&self) -> &[(usize, usize, u64)] {
+        &self.writes
+    }
+}
+
 /// Appends data to a qcow2 image opened for conversion.
 pub struct Qcow2Writer {
     file: Arc<dyn Storage>,
@@ -253,6 +260,29 @@ impl Qcow2Writer {
         let plan = self.plan_sparse(data, gran);
         let placed = self.place(guest, &plan)?;
         self.write_placed(data, &placed)
+    }
+
+    /// A plan that stores exactly `ranges` (start, end) of a chunk, in order and not
+    /// overlapping, whatever their content: `convert -C` decides what to store from the
+    /// source's block status rather than by looking for zeros.
+    pub fn plan_ranges(&self, ranges: &[(usize, usize)]) -> SparsePlan {
+        let cs = self.cluster_size() as usize;
+        let mut runs = Vec::new();
+        for &(a, b) in ranges {
+            let mut x = a;
+            while x < b {
+                let ci = x / cs;
+                let y = b.min((ci + 1) * cs);
+                runs.push((ci, x, y));
+                x = y;
+            }
+        }
+        SparsePlan { runs }
+    }
+
+    /// Where guest data goes: the external data file, or the image file.
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.data_file.as_ref().unwrap_or(&self.file)
     }
 
     /// The first step of [`Qcow2Writer::write_sparse`], which needs no lock: finds the
