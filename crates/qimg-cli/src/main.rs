@@ -14,6 +14,7 @@ const COMMANDS: &[(&str, &str, Handler)] = &[
         "Update format-specific options of the image",
         cmd::amend::run,
     ),
+    ("bench", "Run simple image benchmark", cmd::bench::run),
     (
         "bitmap",
         "Perform modifications of the persistent bitmap in the image",

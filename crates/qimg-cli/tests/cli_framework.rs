@@ -180,7 +180,9 @@ fn help_texts_match() {
         return;
     }
     let s = Scratch::new("help");
-    for cmd in ["create", "info", "check", "convert", "resize", "dd"] {
+    for cmd in [
+        "create", "info", "check", "convert", "resize", "dd", "bench",
+    ] {
         let q = s.qemu(&[cmd, "--help"]);
         let m = s.qimg(&[cmd, "-h"]);
         assert_eq!(text(&m.stdout), text(&q.stdout), "{cmd} --help");

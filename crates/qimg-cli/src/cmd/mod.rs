@@ -2,6 +2,7 @@
 //! struct, `parse` (with qemu-img's usage errors) and `run`.
 
 pub mod amend;
+pub mod bench;
 pub mod bitmap;
 pub mod check;
 pub mod commit;
