@@ -181,7 +181,8 @@ fn help_texts_match() {
     }
     let s = Scratch::new("help");
     for cmd in [
-        "create", "info", "check", "convert", "resize", "dd", "bench",
+        "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd",
+        "info", "map", "measure", "rebase", "resize", "snapshot",
     ] {
         let q = s.qemu(&[cmd, "--help"]);
         let m = s.qimg(&[cmd, "-h"]);
