@@ -118,9 +118,9 @@ fn seeds(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
             f,
         ])
         .current_dir(dir)
-        .status()
+        .output()
         .unwrap();
-    assert!(!killed.success());
+    assert!(!killed.status.success());
     out.push(("lazy", std::fs::read(dir.join(f)).unwrap()));
     out
 }
