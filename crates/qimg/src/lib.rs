@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod buf;
+pub mod crypto;
 pub mod error;
 pub mod fault;
 pub mod image;

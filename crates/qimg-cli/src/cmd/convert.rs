@@ -322,6 +322,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<ConvertOpts> {
 /// Runs `convert`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => convert_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -552,6 +553,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             qimg::qcow2::Qcow2Options {
                 writable: false,
                 check: false,
+                ..Default::default()
             },
         ) {
             Ok(i) => i,

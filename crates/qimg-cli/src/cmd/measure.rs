@@ -160,6 +160,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MeasureOpts> {
 /// Runs `measure`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => measure_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
