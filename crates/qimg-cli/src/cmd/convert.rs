@@ -416,6 +416,10 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         let mut opts = ro_options(fmt, o.force_share);
         opts.snapshot = snapshot.clone();
         let r = if snapshot.is_some() {
+            let opts = match crate::cmd::common::with_encryption(ctx, s, &opts) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
             // qemu-img reports a missing snapshot without the "Could not open" prefix.
             qimg::open::open_image(Path::new(s), &opts).map_err(|e| {
                 match e {
@@ -540,7 +544,21 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         writable: true,
         ..Default::default()
     };
-    let target = if fmt == "qcow2" && fresh {
+    // A target created encrypted is opened with the key its creation options name (as
+    // qemu-img does) and written through the image engine, which encrypts.
+    let encrypted_target = fresh
+        && fmt == "qcow2"
+        && (o.options.get("encrypt.format").is_some()
+            || o.options.get("encryption").as_deref() == Some("on"));
+    if encrypted_target {
+        crate::secrets::set_image_encrypt(
+            &o.target,
+            &o.target,
+            None,
+            o.options.get("encrypt.key-secret"),
+        );
+    }
+    let target = if fmt == "qcow2" && fresh && !encrypted_target {
         let st = match open_locked(target_path, &topts) {
             Ok(s) => s,
             Err(e) => {
@@ -591,6 +609,19 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
                 ctx.error(&format!("Could not open '{}': {e}", o.target));
                 return 1;
             }
+        }
+    } else if o.target_image_opts {
+        let (t, f) = match crate::cmd::common::image_spec(ctx, &o.target, None, true) {
+            Ok(x) => x,
+            Err(c) => return c,
+        };
+        let topts = OpenOptions {
+            format: f,
+            ..topts.clone()
+        };
+        match open(ctx, &t, &topts) {
+            Ok(i) => Target::Image(i),
+            Err(c) => return c,
         }
     } else {
         match open(ctx, &o.target, &topts) {
