@@ -5,7 +5,6 @@
 //! command only has to register its `--object` arguments and open its images.
 
 use crate::ctx::Ctx;
-use base64::Engine;
 use qimg::crypto::{EncryptOptions, Secret};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -77,32 +76,8 @@ fn parse_secret(def: &str) -> Result<Option<(String, Secret)>, String> {
         }
     }
     let id = id.ok_or("Parameter 'id' is missing")?;
-    let raw = match (data, file) {
-        (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
-        (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
-        (Some(d), None) => d.into_bytes(),
-        (None, Some(f)) => std::fs::read(&f).map_err(|e| {
-            format!(
-                "Unable to read {f}: Failed to open file \u{201c}{f}\u{201d}: {}",
-                qimg::error::strerror(&e)
-            )
-        })?,
-    };
-    let bytes = match format.as_deref() {
-        None | Some("raw") => raw,
-        Some("base64") => {
-            let text: Vec<u8> = raw;
-            base64::engine::general_purpose::STANDARD
-                .decode(&text)
-                .map_err(|_| "Base64 data contains invalid characters".to_string())?
-        }
-        Some(other) => {
-            return Err(format!(
-                "Parameter 'format' does not accept value '{other}'"
-            ))
-        }
-    };
-    Ok(Some((id, Secret::new(bytes))))
+    let secret = Secret::from_object(data.as_deref(), file.as_deref(), format.as_deref())?;
+    Ok(Some((id, secret)))
 }
 
 /// Creates the objects of `--object` arguments, reporting the first bad one as qemu-img

@@ -33,6 +33,41 @@ impl Secret {
     }
 }
 
+impl Secret {
+    /// A `secret` object's value from its `data`, `file` and `format` (raw or base64)
+    /// properties, with QEMU's messages.
+    pub fn from_object(
+        data: Option<&str>,
+        file: Option<&str>,
+        format: Option<&str>,
+    ) -> std::result::Result<Secret, String> {
+        use base64::Engine;
+        let raw = Zeroizing::new(match (data, file) {
+            (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
+            (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
+            (Some(d), None) => d.as_bytes().to_vec(),
+            (None, Some(f)) => std::fs::read(f).map_err(|e| {
+                format!(
+                    "Unable to read {f}: Failed to open file \u{201c}{f}\u{201d}: {}",
+                    crate::error::strerror(&e)
+                )
+            })?,
+        });
+        let bytes = match format {
+            None | Some("raw") => raw.to_vec(),
+            Some("base64") => base64::engine::general_purpose::STANDARD
+                .decode(&raw[..])
+                .map_err(|_| "Base64 data contains invalid characters".to_string())?,
+            Some(other) => {
+                return Err(format!(
+                    "Parameter 'format' does not accept value '{other}'"
+                ))
+            }
+        };
+        Ok(Secret::new(bytes))
+    }
+}
+
 impl PartialEq for Secret {
     fn eq(&self, other: &Secret) -> bool {
         self.bytes() == other.bytes()
