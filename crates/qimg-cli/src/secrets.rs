@@ -129,6 +129,29 @@ pub fn display_name(filename: &str) -> String {
         .unwrap_or_else(|| filename.to_string())
 }
 
+/// The name QEMU gives an image opened with `encrypt.key-secret` (`json:{...}`, since the
+/// option cannot be expressed by a plain file name), if `filename` came with one.
+pub fn json_filename(filename: &str) -> Option<String> {
+    let spec = ENCRYPT
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|m| m.get(filename).cloned())?;
+    // QEMU leaves encrypt.format out of the name: only the key's id counts.
+    let key = spec.2?;
+    let mut m = serde_json::Map::new();
+    m.insert("driver".into(), "qcow2".into());
+    m.insert("encrypt.key-secret".into(), key.into());
+    m.insert(
+        "file".into(),
+        serde_json::json!({"driver": "file", "filename": filename}),
+    );
+    Some(format!(
+        "json:{}",
+        crate::fmt::to_json(&serde_json::Value::Object(m), false)
+    ))
+}
+
 /// Looks up a secret by id (QEMU's "No secret with id" when absent).
 pub fn secret(id: &str) -> Result<Secret, String> {
     SECRETS
@@ -140,7 +163,9 @@ pub fn secret(id: &str) -> Result<Secret, String> {
 }
 
 /// The encryption options to open `filename` with, from its `--image-opts`.
-pub fn encrypt_options(filename: &str) -> Result<EncryptOptions, String> {
+/// With `no_io` (`info`), an unknown secret is no error: QEMU does not look the key up
+/// when it will do no I/O.
+pub fn encrypt_options(filename: &str, no_io: bool) -> Result<EncryptOptions, String> {
     let spec = ENCRYPT
         .lock()
         .unwrap()
@@ -149,7 +174,10 @@ pub fn encrypt_options(filename: &str) -> Result<EncryptOptions, String> {
     let Some((_, format, key_secret)) = spec else {
         return Ok(EncryptOptions::default());
     };
-    let key = key_secret.as_deref().map(secret).transpose()?;
+    let key = match key_secret.as_deref().map(secret).transpose() {
+        Err(_) if no_io => None,
+        r => r?,
+    };
     Ok(EncryptOptions { format, key })
 }
 

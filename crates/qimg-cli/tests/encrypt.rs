@@ -51,6 +51,26 @@ fn same_reads(cwd: &Path, img: &str) {
     let spec = opts(img);
     for out in ["human", "json"] {
         assert_same(cwd, &["info", "--output", out, img]);
+        // With a key (even an unknown one: info does no I/O) QEMU names the image by
+        // its options.
+        for sp in [
+            spec.clone(),
+            spec.replace("sec0", "nope"),
+            format!("driver=qcow2,file.filename={img},encrypt.format=luks"),
+        ] {
+            assert_same(
+                cwd,
+                &[
+                    "info",
+                    "--output",
+                    out,
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    &sp,
+                ],
+            );
+        }
     }
     assert_same(cwd, &["check", "--object", SECRET, "--image-opts", &spec]);
     for out in ["human", "json"] {

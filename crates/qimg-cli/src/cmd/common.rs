@@ -22,7 +22,7 @@ pub fn open(ctx: &Ctx, filename: &str, opts: &OpenOptions) -> Result<Arc<dyn Ima
 /// `opts` with the `encrypt.*` options `--image-opts` gave for `filename` (the secret
 /// resolved), reporting an unknown secret as qemu-img does.
 pub fn with_encryption(ctx: &Ctx, filename: &str, opts: &OpenOptions) -> Result<OpenOptions, i32> {
-    match crate::secrets::encrypt_options(filename) {
+    match crate::secrets::encrypt_options(filename, opts.no_io) {
         Ok(encrypt) => Ok(OpenOptions {
             encrypt,
             ..opts.clone()

@@ -402,10 +402,15 @@ fn info(ctx: &Ctx, o: &InfoOpts) -> Result<(), i32> {
         }
         seen.push(canon);
         let img = open(ctx, &name, &opts)?;
-        let v = image_info(&name, img.as_ref()).map_err(|e| {
+        let mut v = image_info(&name, img.as_ref()).map_err(|e| {
             ctx.error(&e);
             1
         })?;
+        if infos.is_empty() {
+            if let Some(j) = crate::secrets::json_filename(&name) {
+                v["filename"] = j.into();
+            }
+        }
         let next = v["full-backing-filename"].as_str().map(str::to_string);
         format = v["backing-filename-format"].as_str().map(str::to_string);
         infos.push(v);
