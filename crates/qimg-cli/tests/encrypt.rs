@@ -695,3 +695,31 @@ fn serve_encrypted_image() {
         );
     }
 }
+
+#[test]
+fn measure_with_encryption_as_qemu() {
+    let t = Tmp::new("enc-measure");
+    let cwd = t.path();
+    mk(cwd, "l.qcow2", "encrypt.format=luks", "", "4M");
+    qio(cwd, "l.qcow2", PATTERN);
+    let spec = opts("l.qcow2");
+    for o in [
+        "encrypt.format=luks",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,cluster_size=4k,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=nope",
+        "encrypt.format=aes",
+    ] {
+        // (QEMU builds a throw-away LUKS header to measure, calibrating PBKDF2 for a couple
+        // of seconds whatever iter-time says: one output format per source keeps this short.)
+        assert_same(
+            cwd,
+            &["measure", "--output", "json", "--object", SECRET, "-O", "qcow2", "-o", o, "--size", "1G"],
+        );
+        assert_same(
+            cwd,
+            &["measure", "--object", SECRET, "-O", "qcow2", "-o", o, "--image-opts", &spec],
+        );
+    }
+}

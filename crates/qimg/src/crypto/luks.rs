@@ -418,6 +418,20 @@ fn iterations_per_second(hash: HashAlg, out_len: usize) -> u64 {
     }
 }
 
+/// Length of the LUKS area [`create`] makes for these parameters (header and all eight
+/// key slots: the payload offset in bytes).
+pub fn area_len(params: &LuksParams) -> u64 {
+    let key_bytes = params.cipher_alg.key_len() as u32
+        * if params.cipher_mode == CipherMode::Xts {
+            2
+        } else {
+            1
+        };
+    let unit = KEY_SLOT_OFFSET / SECTOR as u64;
+    let stride = (split_key_len(key_bytes, STRIPES) / SECTOR as u64).div_ceil(unit) * unit;
+    (unit + SLOTS as u64 * stride) * SECTOR as u64
+}
+
 /// A new LUKS area: the bytes to store at the crypto extension's offset (header plus key
 /// material, `len` = payload offset), and the data cipher.
 pub struct NewLuks {
@@ -537,6 +551,7 @@ mod tests {
         };
         let n = create(&p, b"pw").unwrap();
         let h = LuksHeader::parse(&n.area, n.area.len() as u64).unwrap();
+        assert_eq!(n.area.len() as u64, area_len(&p));
         assert_eq!(h.payload_offset, 4040);
         assert_eq!(h.slots[1].key_offset, 512);
         let read = |buf: &mut [u8], off: u64| -> Result<()> {
