@@ -723,3 +723,81 @@ fn measure_with_encryption_as_qemu() {
         );
     }
 }
+
+/// `rebase -b ""` copies the backing data into an encrypted overlay (encrypted for its new
+/// clusters); `commit` reads an encrypted overlay into a plain base.
+#[test]
+fn rebase_and_commit_encrypted_overlay() {
+    let t = Tmp::new("enc-chain");
+    let cwd = t.path();
+    for base in ["b1.qcow2", "b2.qcow2"] {
+        qemu_img_ok(cwd, &["create", "-q", "-f", "qcow2", base, "1M"]);
+        io(cwd, "qcow2", base, &["write -P 0x21 0 1M"]);
+    }
+    for (top, base) in [("t1.qcow2", "b1.qcow2"), ("t2.qcow2", "b2.qcow2")] {
+        qemu_img_ok(
+            cwd,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                SECRET,
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                "-b",
+                base,
+                "-F",
+                "qcow2",
+                top,
+            ],
+        );
+        qio(cwd, top, &["write -P 0x31 4k 4k"]);
+    }
+    let o = qimg(
+        cwd,
+        [
+            "rebase",
+            "--object",
+            SECRET,
+            "-b",
+            "",
+            "--image-opts",
+            &opts("t1.qcow2"),
+        ],
+    );
+    assert!(o.success(), "{}", o.describe());
+    qio(
+        cwd,
+        "t1.qcow2",
+        &[
+            "read -P 0x21 0 4k",
+            "read -P 0x31 4k 4k",
+            "read -P 0x21 8k 1016k",
+        ],
+    );
+    let info = qemu_img_ok(cwd, &["info", "t1.qcow2"]);
+    assert!(!info.stdout.contains("backing file"), "{}", info.stdout);
+    let o = qimg(
+        cwd,
+        [
+            "commit",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts("t2.qcow2"),
+        ],
+    );
+    assert!(o.success(), "{}", o.describe());
+    io(
+        cwd,
+        "qcow2",
+        "b2.qcow2",
+        &[
+            "read -P 0x21 0 4k",
+            "read -P 0x31 4k 4k",
+            "read -P 0x21 8k 1016k",
+        ],
+    );
+}

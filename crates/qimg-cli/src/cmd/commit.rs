@@ -275,6 +275,10 @@ fn commit_cmd(ctx: &Ctx, o: &CommitOpts) -> i32 {
             no_backing: true,
             ..ro.clone()
         };
+        let opts = match crate::cmd::common::with_encryption(ctx, &file, &opts) {
+            Ok(x) => x,
+            Err(c) => return c,
+        };
         let r = open_qcow2(Path::new(&file), &opts).and_then(|q| q.make_empty());
         if let Err(e) = r {
             ctx.error(&format!("Could not empty {}: {e}", o.filename));

@@ -203,6 +203,10 @@ fn rebase_cmd(ctx: &Ctx, o: &RebaseOpts) -> i32 {
         no_backing: o.unsafe_mode,
         ..ro_options(fmt, o.force_share)
     };
+    let opts = match crate::cmd::common::with_encryption(ctx, &file, &opts) {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
     let mut img = match open_qcow2(path, &opts) {
         Ok(i) => i,
         Err(e) => {

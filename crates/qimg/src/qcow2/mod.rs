@@ -103,6 +103,9 @@ pub struct Qcow2 {
     cipher: Option<Arc<crate::crypto::SectorCipher>>,
     /// The LUKS header of a LUKS-encrypted image.
     luks: Option<crate::crypto::luks::LuksHeader>,
+    /// Serializes read-modify-write of partial sectors of an encrypted image, so two
+    /// writes to different bytes of one sector cannot lose each other's update.
+    rmw_lock: Mutex<()>,
     opts: Qcow2Options,
 }
 
@@ -337,6 +340,7 @@ impl Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             cipher,
             luks,
+            rmw_lock: Mutex::new(()),
             header: h,
             opts,
         };

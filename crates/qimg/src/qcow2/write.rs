@@ -599,6 +599,7 @@ impl Qcow2 {
         self.check_range(offset, buf.len() as u64)?;
         if self.cipher_for_io()?.is_some() && !(offset | buf.len() as u64).is_multiple_of(512) {
             // Encryption works on whole sectors: merge a partial one with what it holds.
+            let _rmw = self.rmw_lock.lock().unwrap();
             let a = offset & !511;
             let b = (offset + buf.len() as u64).div_ceil(512) * 512;
             let mut whole = vec![0u8; (b - a) as usize];
