@@ -58,18 +58,20 @@ fn same_reads(cwd: &Path, img: &str) {
             spec.replace("sec0", "nope"),
             format!("driver=qcow2,file.filename={img},encrypt.format=luks"),
         ] {
-            assert_same(
-                cwd,
-                &[
-                    "info",
-                    "--output",
-                    out,
-                    "--object",
-                    SECRET,
-                    "--image-opts",
-                    &sp,
-                ],
-            );
+            for secret in [SECRET, "secret,id=sec0,data=wrong"] {
+                assert_same(
+                    cwd,
+                    &[
+                        "info",
+                        "--output",
+                        out,
+                        "--object",
+                        secret,
+                        "--image-opts",
+                        &sp,
+                    ],
+                );
+            }
         }
     }
     assert_same(cwd, &["check", "--object", SECRET, "--image-opts", &spec]);

@@ -416,7 +416,8 @@ impl Qcow2 {
             file.read_at(&mut b, ext.offset)?;
             header = Some(luks::LuksHeader::parse(&b, ext.length)?);
         }
-        if opts.no_io && opts.encrypt.key.is_none() {
+        if opts.no_io {
+            // As QEMU with BDRV_O_NO_IO: the header is checked, the key not even tried.
             return Ok((None, header));
         }
         let key = opts.encrypt.key.as_ref().ok_or_else(|| {
