@@ -74,7 +74,20 @@ fn same_reads(cwd: &Path, img: &str) {
             }
         }
     }
-    assert_same(cwd, &["check", "--object", SECRET, "--image-opts", &spec]);
+    for out in ["human", "json"] {
+        assert_same(
+            cwd,
+            &[
+                "check",
+                "--output",
+                out,
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+            ],
+        );
+    }
     for out in ["human", "json"] {
         assert_same(
             cwd,

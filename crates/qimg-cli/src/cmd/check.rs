@@ -226,7 +226,7 @@ fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
     };
     if !o.quiet {
         match o.output {
-            OutputFormat::Json => print_ignore(&json(&filename, &r)),
+            OutputFormat::Json => print_ignore(&json(&o.filename, &r)),
             OutputFormat::Human => print_ignore(&human(&r)),
         }
     }
