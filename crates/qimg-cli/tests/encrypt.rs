@@ -451,6 +451,50 @@ fn create_luks_and_aes_as_qemu() {
 }
 
 #[test]
+fn convert_compressed_encrypted_refused() {
+    let t = Tmp::new("enc-conv-c");
+    let ours = t.subdir("ours");
+    let theirs = t.subdir("theirs");
+    for d in [&ours, &theirs] {
+        std::fs::write(d.join("s.raw"), vec![1u8; 65536]).unwrap();
+    }
+    for o in [
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "encryption=on,encrypt.key-secret=sec0",
+    ] {
+        let args = [
+            "convert", "-c", "-O", "qcow2", "--object", SECRET, "-o", o, "s.raw", "t.qcow2",
+        ];
+        let a = qimg(&ours, args);
+        let b = qemu_img(&theirs, args);
+        assert_outputs_equal(&a, &b, &|s| s.to_string());
+        assert_eq!(
+            ours.join("t.qcow2").exists(),
+            theirs.join("t.qcow2").exists()
+        );
+    }
+    // QEMU itself writes (unencrypted) compressed clusters into an encrypted image with
+    // -n; qimg reads them as QEMU does.
+    let cwd = &theirs;
+    mk(cwd, "c.qcow2", "encrypt.format=luks", "", "1M");
+    let spec = opts("c.qcow2");
+    qemu_img_ok(
+        cwd,
+        &[
+            "convert",
+            "-c",
+            "-n",
+            "--object",
+            SECRET,
+            "--target-image-opts",
+            "s.raw",
+            &spec,
+        ],
+    );
+    same_reads(cwd, "c.qcow2");
+}
+
+#[test]
 fn create_errors_as_qemu() {
     let t = Tmp::new("enc-create-err");
     let ours = t.subdir("ours");

@@ -478,6 +478,13 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         ctx.error("Compression not supported for this file format");
         return 1;
     }
+    if o.compress
+        && (o.options.get("encrypt.format").is_some()
+            || o.options.get("encryption").as_deref() == Some("on"))
+    {
+        ctx.error("Compression and encryption not supported at the same time");
+        return 1;
+    }
     let target_path = Path::new(&o.target);
     let fresh = !o.no_create;
     // -B (or -o backing_file=): the target becomes an overlay of that file.

@@ -518,8 +518,9 @@ impl Qcow2 {
         let cs = self.cluster_size();
         self.check_range(offset, data.len() as u64)?;
         if self.encrypted() {
-            // QEMU stores compressed clusters unencrypted, so it never writes them into
-            // encrypted images; neither does qimg.
+            // Compressed clusters are never encrypted (QEMU reads them as they are and,
+            // with `convert -c -n`, even writes them so): that would put guest data on
+            // disk in clear, so qimg refuses.
             return Err(Error::unsupported(
                 "Compression is not supported for encrypted images",
             ));
