@@ -860,3 +860,66 @@ fn rebase_and_commit_encrypted_overlay() {
         ],
     );
 }
+
+/// Inconsistent encryption fields in the qcow2 header: the same message as qemu-img.
+#[test]
+fn bad_encryption_header_fields_as_qemu() {
+    let t = Tmp::new("enc-hdr");
+    let cwd = t.path();
+    mk(cwd, "l.qcow2", "encrypt.format=luks", "", "1M");
+    mk(cwd, "a.qcow2", "encrypt.format=aes", "", "1M");
+    let l = cwd.join("l.qcow2");
+    assert_eq!(be32(&l, 0x70), 0x0537_be77);
+    let cases: [(&str, &str, u64, u64, bool); 6] = [
+        (
+            "AES method with a crypto extension",
+            "l.qcow2",
+            32,
+            1,
+            false,
+        ),
+        ("LUKS method without the extension", "a.qcow2", 32, 2, false),
+        ("unknown method", "l.qcow2", 32, 3, false),
+        (
+            "header past the end of the file",
+            "l.qcow2",
+            0x78,
+            0x1000_0000,
+            true,
+        ),
+        ("unaligned header offset", "l.qcow2", 0x78, 0x40200, true),
+        (
+            "extension shorter than the header",
+            "l.qcow2",
+            0x80,
+            100,
+            true,
+        ),
+    ];
+    for (what, src, off, val, wide) in cases {
+        std::fs::copy(cwd.join(src), cwd.join("bad.qcow2")).unwrap();
+        let p = cwd.join("bad.qcow2");
+        if wide {
+            put_be64(&p, off, val);
+        } else {
+            put_be32(&p, off, val as u32);
+        }
+        let spec = opts("bad.qcow2");
+        for args in [
+            vec!["info", "bad.qcow2"],
+            vec![
+                "convert",
+                "-O",
+                "raw",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+                "o.raw",
+            ],
+        ] {
+            let (ours, _) = assert_same(cwd, &args);
+            assert!(!ours.success(), "{what}");
+        }
+    }
+}
