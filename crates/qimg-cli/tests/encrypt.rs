@@ -923,3 +923,126 @@ fn bad_encryption_header_fields_as_qemu() {
         }
     }
 }
+
+/// `amend -o encrypt.*`: LUKS key slots added and erased as qemu-img does (same messages,
+/// same slot states), and QEMU opens the image with the new keys only.
+#[test]
+fn amend_key_slots_as_qemu() {
+    let t = Tmp::new("enc-amend");
+    let ours = t.subdir("ours");
+    let theirs = t.subdir("theirs");
+    let objs = [
+        "--object",
+        SECRET,
+        "--object",
+        "secret,id=sec1,data=new",
+        "--object",
+        "secret,id=sec2,data=third",
+    ];
+    mk(&theirs, "base.qcow2", "encrypt.format=luks", "", "1M");
+    qio(&theirs, "base.qcow2", &["write -P 0x5c 0 64k"]);
+    let mut a = vec!["amend"];
+    a.extend_from_slice(&objs);
+    let spec = opts("base.qcow2");
+    a.extend_from_slice(&[
+        "-o",
+        "encrypt.state=active,encrypt.new-secret=sec1,encrypt.keyslot=3,encrypt.iter-time=10",
+        "--image-opts",
+        &spec,
+    ]);
+    qemu_img_ok(&theirs, &a);
+    let slots = |cwd: &Path| -> Vec<bool> {
+        let o = qemu_img_ok(cwd, &["info", "--output=json", "am.qcow2"]);
+        parse_json(&o.stdout)["format-specific"]["data"]["encrypt"]["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["active"].as_bool().unwrap())
+            .collect()
+    };
+    let spec = opts("am.qcow2");
+    for (o, force) in [
+        ("encrypt.state=active", false),
+        (
+            "encrypt.state=active,encrypt.new-secret=sec1,encrypt.keyslot=0",
+            false,
+        ),
+        (
+            "encrypt.state=active,encrypt.new-secret=sec1,encrypt.keyslot=9",
+            false,
+        ),
+        (
+            "encrypt.state=active,encrypt.new-secret=sec2,encrypt.iter-time=10",
+            false,
+        ),
+        (
+            "encrypt.state=active,encrypt.new-secret=sec2,encrypt.keyslot=3,encrypt.iter-time=10",
+            true,
+        ),
+        ("encrypt.state=inactive", false),
+        ("encrypt.state=inactive,encrypt.old-secret=sec2", false),
+        ("encrypt.state=inactive,encrypt.keyslot=5", false),
+        ("encrypt.state=inactive,encrypt.new-secret=sec1", false),
+        (
+            "encrypt.state=active,encrypt.new-secret=sec1,encrypt.old-secret=sec0",
+            false,
+        ),
+        ("encrypt.state=bogus", false),
+        ("encrypt.state=inactive,encrypt.old-secret=sec1", false),
+        ("encrypt.state=inactive,encrypt.keyslot=0", false),
+        ("encrypt.state=inactive,encrypt.keyslot=3", true),
+        ("encrypt.state=inactive,encrypt.old-secret=sec0", false),
+        ("encrypt.state=active,encrypt.new-secret=nope", false),
+    ] {
+        for d in [&ours, &theirs] {
+            std::fs::copy(theirs.join("base.qcow2"), d.join("am.qcow2")).unwrap();
+        }
+        let mut a = vec!["amend"];
+        a.extend_from_slice(&objs);
+        if force {
+            a.push("--force");
+        }
+        a.extend_from_slice(&["-o", o, "--image-opts", &spec]);
+        let x = qimg(&ours, &a);
+        let y = qemu_img(&theirs, &a);
+        assert_outputs_equal(&x, &y, &|s| s.to_string());
+        assert_eq!(slots(&ours), slots(&theirs), "{o}");
+        // Whatever keys the slots now hold open the data for QEMU too.
+        if x.success() {
+            for (sec, id) in [("abc", "sec0"), ("new", "sec1"), ("third", "sec2")] {
+                let obj = format!("secret,id={id},data={sec}");
+                let sp = format!("driver=qcow2,file.filename=am.qcow2,encrypt.key-secret={id}");
+                let q = qemu_io(
+                    &ours,
+                    [
+                        "--object",
+                        &obj,
+                        "--image-opts",
+                        "-c",
+                        "read -P 0x5c 0 64k",
+                        &sp,
+                    ],
+                );
+                let t2 = qemu_io(
+                    &theirs,
+                    [
+                        "--object",
+                        &obj,
+                        "--image-opts",
+                        "-c",
+                        "read -P 0x5c 0 64k",
+                        &sp,
+                    ],
+                );
+                assert_eq!(
+                    q.success() && !q.stderr.contains("Invalid password"),
+                    t2.success() && !t2.stderr.contains("Invalid password"),
+                    "{o} {id}\n{}\n{}",
+                    q.describe(),
+                    t2.describe()
+                );
+                assert!(!q.stdout.contains("verification failed"), "{o} {id}");
+            }
+        }
+    }
+}

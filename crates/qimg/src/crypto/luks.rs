@@ -299,8 +299,50 @@ impl LuksHeader {
         password: &[u8],
         read: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<SectorCipher> {
+        Ok(self.unlock_key(password, read)?.0)
+    }
+
+    /// Like [`LuksHeader::unlock`], also returning the master key (for key-slot changes).
+    pub fn unlock_key(
+        &self,
+        password: &[u8],
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<(SectorCipher, Zeroizing<Vec<u8>>)> {
+        for i in 0..SLOTS {
+            if let Some(mk) = self.try_slot(i, password, read)? {
+                return Ok((self.cipher(&mk)?, mk));
+            }
+        }
+        Err(Error::Permission(
+            "Invalid password, cannot unlock any keyslot".into(),
+        ))
+    }
+
+    /// The active slots `password` opens.
+    pub fn matching_slots(
+        &self,
+        password: &[u8],
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Vec<usize>> {
+        let mut out = Vec::new();
+        for i in 0..SLOTS {
+            if self.try_slot(i, password, read)?.is_some() {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The master key if `password` opens slot `i`.
+    fn try_slot(
+        &self,
+        i: usize,
+        password: &[u8],
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>> {
         let kb = self.key_bytes as usize;
-        for s in self.slots.iter().filter(|s| s.active) {
+        let s = &self.slots[i];
+        if s.active {
             let mut slot_key = Zeroizing::new(vec![0u8; kb]);
             self.hash
                 .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
@@ -319,12 +361,56 @@ impl LuksHeader {
             self.hash
                 .pbkdf2(&mk, &self.mk_digest_salt, self.mk_digest_iter, &mut digest);
             if digest == self.mk_digest {
-                return self.cipher(&mk);
+                return Ok(Some(mk));
             }
         }
-        Err(Error::Permission(
-            "Invalid password, cannot unlock any keyslot".into(),
-        ))
+        Ok(None)
+    }
+
+    /// Byte offset of slot `i`'s key material from the header start.
+    pub fn material_offset(&self, i: usize) -> u64 {
+        self.slots[i].key_offset as u64 * SECTOR as u64
+    }
+
+    /// Makes slot `i` open the master key `mk` with `password` (PBKDF2 calibrated to
+    /// `iter_time_ms`); returns the slot's new key material.
+    pub fn set_slot(
+        &mut self,
+        i: usize,
+        password: &[u8],
+        mk: &[u8],
+        iter_time_ms: u64,
+    ) -> Result<Vec<u8>> {
+        let kb = self.key_bytes as usize;
+        let per_sec = iterations_per_second(self.hash, kb);
+        let iters = u32::try_from(per_sec.saturating_mul(iter_time_ms) / 1000)
+            .map_err(|_| Error::invalid("PBKDF iterations too large"))?
+            .clamp(1000, MAX_ITERATIONS);
+        let mut salt = [0u8; SALT_LEN];
+        super::random(&mut salt)?;
+        let mut slot_key = Zeroizing::new(vec![0u8; kb]);
+        self.hash.pbkdf2(password, &salt, iters, &mut slot_key);
+        let split = af_split(self.hash, mk, STRIPES)?;
+        let mut material =
+            Zeroizing::new(vec![0u8; split_key_len(self.key_bytes, STRIPES) as usize]);
+        material[..split.len()].copy_from_slice(&split);
+        self.cipher(&slot_key)?.encrypt(&mut material, 0);
+        let s = &mut self.slots[i];
+        s.active = true;
+        s.iterations = iters;
+        s.salt = salt;
+        Ok(material.to_vec())
+    }
+
+    /// Disables slot `i`; returns random bytes to overwrite its key material with.
+    pub fn erase_slot(&mut self, i: usize) -> Result<Vec<u8>> {
+        let mut junk = vec![0u8; split_key_len(self.key_bytes, STRIPES) as usize];
+        super::random(&mut junk)?;
+        let s = &mut self.slots[i];
+        s.active = false;
+        s.iterations = 0;
+        s.salt = [0; SALT_LEN];
+        Ok(junk)
     }
 }
 

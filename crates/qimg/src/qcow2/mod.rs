@@ -54,6 +54,23 @@ pub struct Qcow2Options {
     pub encrypt: crate::crypto::EncryptOptions,
 }
 
+/// A LUKS key-slot change (`qemu-img amend -o encrypt.*`).
+#[derive(Debug, Clone, Default)]
+pub struct LuksAmend {
+    /// `encrypt.state=active` (add a key) rather than `inactive` (erase keys).
+    pub activate: bool,
+    /// `encrypt.keyslot`.
+    pub keyslot: Option<u64>,
+    /// `encrypt.new-secret`: the passphrase to add.
+    pub new_secret: Option<crate::crypto::Secret>,
+    /// `encrypt.old-secret`: erase the slots this passphrase opens.
+    pub old_secret: Option<crate::crypto::Secret>,
+    /// `encrypt.iter-time` for a new slot (milliseconds).
+    pub iter_time_ms: u64,
+    /// `--force`: allow overwriting an active slot or erasing the last one.
+    pub force: bool,
+}
+
 /// The most recently decompressed cluster: descriptor offset and data.
 type DecompressedCluster = (u64, Arc<Vec<u8>>);
 
@@ -103,6 +120,8 @@ pub struct Qcow2 {
     cipher: Option<Arc<crate::crypto::SectorCipher>>,
     /// The LUKS header of a LUKS-encrypted image.
     luks: Option<crate::crypto::luks::LuksHeader>,
+    /// The LUKS master key, once unlocked (key-slot changes need it).
+    master_key: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// Serializes read-modify-write of partial sectors of an encrypted image, so two
     /// writes to different bytes of one sector cannot lose each other's update.
     rmw_lock: Mutex<()>,
@@ -181,7 +200,7 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));
         }
-        let (cipher, luks) = Self::open_crypto(file.as_ref(), &h, &opts)?;
+        let (cipher, luks, master_key) = Self::open_crypto(file.as_ref(), &h, &opts)?;
         if h.refcount_table_clusters == 0 && !opts.check {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
@@ -340,6 +359,7 @@ impl Qcow2 {
             metadata_prealloc: std::sync::OnceLock::new(),
             cipher,
             luks,
+            master_key,
             rmw_lock: Mutex::new(()),
             header: h,
             opts,
@@ -358,6 +378,7 @@ impl Qcow2 {
     ) -> Result<(
         Option<Arc<crate::crypto::SectorCipher>>,
         Option<crate::crypto::luks::LuksHeader>,
+        Option<zeroize::Zeroizing<Vec<u8>>>,
     )> {
         use crate::crypto::{luks, SectorCipher};
         let fmt = match h.crypt_method {
@@ -386,7 +407,7 @@ impl Qcow2 {
             ));
         }
         let Some(fmt) = fmt else {
-            return Ok((None, None));
+            return Ok((None, None, None));
         };
         let mut header = None;
         if fmt == "luks" {
@@ -418,24 +439,116 @@ impl Qcow2 {
         }
         if opts.no_io {
             // As QEMU with BDRV_O_NO_IO: the header is checked, the key not even tried.
-            return Ok((None, header));
+            return Ok((None, header, None));
         }
         let key = opts.encrypt.key.as_ref().ok_or_else(|| {
             Error::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher".into())
         })?;
-        let cipher = match &header {
+        let (cipher, mk) = match &header {
             Some(lh) => {
                 let base = h.crypto.unwrap().offset;
-                lh.unlock(key.bytes(), &|buf, off| file.read_at(buf, base + off))?
+                let (c, mk) =
+                    lh.unlock_key(key.bytes(), &|buf, off| file.read_at(buf, base + off))?;
+                (c, Some(mk))
             }
-            None => SectorCipher::legacy_aes(key.bytes())?,
+            None => (SectorCipher::legacy_aes(key.bytes())?, None),
         };
-        Ok((Some(Arc::new(cipher)), header))
+        Ok((Some(Arc::new(cipher)), header, mk))
     }
 
     /// The LUKS header of a LUKS-encrypted image.
     pub fn luks_header(&self) -> Option<&crate::crypto::luks::LuksHeader> {
         self.luks.as_ref()
+    }
+
+    /// Changes LUKS key slots as `qemu-img amend -o encrypt.*` does (QEMU's checks and
+    /// messages). The image must be open writable with its key.
+    pub fn luks_amend(&mut self, a: &LuksAmend) -> Result<()> {
+        use crate::crypto::luks::SLOTS;
+        let inval = |m: String| Err(Error::InvalidArgument(m));
+        let (Some(mut lh), Some(ext)) = (self.luks.clone(), self.header.crypto) else {
+            return inval("Amending encryption options needs a LUKS-encrypted image".into());
+        };
+        let Some(mk) = self.master_key.clone() else {
+            return inval("Parameter 'encrypt.key-secret' is required for cipher".into());
+        };
+        let file = self.file.clone();
+        let read = |buf: &mut [u8], off: u64| file.read_at(buf, ext.offset + off);
+        let active =
+            |lh: &crate::crypto::luks::LuksHeader| lh.slots.iter().filter(|s| s.active).count();
+        if let Some(k) = a.keyslot {
+            if k >= SLOTS as u64 {
+                return inval(format!(
+                    "Invalid keyslot {k} specified, must be between 0 and {}",
+                    SLOTS - 1
+                ));
+            }
+        }
+        // Key material first when adding (a crash leaves the slot disabled), the header
+        // first when erasing (a crash leaves the slot disabled, its material intact).
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        if a.activate {
+            let Some(new) = &a.new_secret else {
+                return inval("'new-secret' is required to activate a keyslot".into());
+            };
+            if a.old_secret.is_some() {
+                return inval("'old-secret' must not be given when activating keyslots".into());
+            }
+            let slot = match a.keyslot {
+                Some(k) => k as usize,
+                None => match lh.slots.iter().position(|s| !s.active) {
+                    Some(i) => i,
+                    None => return inval("Can't add a keyslot - all keyslots are in use".into()),
+                },
+            };
+            if lh.slots[slot].active && !a.force {
+                return inval(format!(
+                    "Refusing to overwrite active keyslot {slot} - please erase it first"
+                ));
+            }
+            let material = lh.set_slot(slot, new.bytes(), &mk, a.iter_time_ms)?;
+            writes.push((lh.material_offset(slot), material));
+            writes.push((0, lh.serialize()));
+        } else {
+            if a.new_secret.is_some() {
+                return inval("'new-secret' must not be given when erasing keyslots".into());
+            }
+            let slots = match (a.keyslot, &a.old_secret) {
+                (Some(k), _) => {
+                    let k = k as usize;
+                    if !lh.slots[k].active {
+                        return inval(format!("Given keyslot {k} is already erased (inactive) "));
+                    }
+                    if active(&lh) == 1 && !a.force {
+                        return inval(format!("Attempt to erase the only active keyslot {k} which will erase all the data in the image irreversibly - refusing operation"));
+                    }
+                    vec![k]
+                }
+                (None, Some(old)) => {
+                    let m = lh.matching_slots(old.bytes(), &read)?;
+                    if m.is_empty() {
+                        return inval("No keyslots match given (old) password for erase operation".into());
+                    }
+                    if m.len() == active(&lh) && !a.force {
+                        return inval("All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation".into());
+                    }
+                    m
+                }
+                (None, None) => return inval("To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given".into()),
+            };
+            let mut junk = Vec::new();
+            for k in slots {
+                junk.push((lh.material_offset(k), lh.erase_slot(k)?));
+            }
+            writes.push((0, lh.serialize()));
+            writes.extend(junk);
+        }
+        for (off, data) in &writes {
+            self.file.write_at(data, ext.offset + off)?;
+            self.file.flush()?;
+        }
+        self.luks = Some(lh);
+        Ok(())
     }
 
     /// Whether guest data is encrypted.
