@@ -11,3 +11,4 @@ pub mod cmd;
 pub mod ctx;
 pub mod fmt;
 pub mod opts;
+pub mod secrets;

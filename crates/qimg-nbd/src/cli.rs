@@ -255,6 +255,8 @@ struct Opts {
     version: bool,
     image: String,
     tls: Option<TlsConfig>,
+    /// `--object secret` values by id.
+    secrets: Vec<(String, qimg::crypto::Secret)>,
 }
 
 /// A failure with qemu-nbd's wording; `usage` adds the "Try --help" hint.
@@ -394,6 +396,13 @@ fn validate(opts: Vec<(char, String)>, pos: Vec<String>) -> Result<Opts, Fail> {
         }));
     }
     o.tls = tls_config(&objects, tls_creds, tls_authz, tls_hostname.is_some())?;
+    o.secrets = objects
+        .iter()
+        .filter_map(|ob| match ob {
+            Object::Secret { id, secret } => Some((id.clone(), secret.clone())),
+            _ => None,
+        })
+        .collect();
     if list {
         if !pos.is_empty() {
             return Err(fail("List mode is incompatible with a file name"));
@@ -435,12 +444,19 @@ enum Object {
     },
     /// `authz-simple`: the one client identity allowed in.
     AuthzSimple { id: String, identity: String },
+    /// `secret`: a passphrase for an encrypted image (`encrypt.key-secret`).
+    Secret {
+        id: String,
+        secret: qimg::crypto::Secret,
+    },
 }
 
 impl Object {
     fn id(&self) -> &str {
         match self {
-            Object::X509 { id, .. } | Object::AuthzSimple { id, .. } => id,
+            Object::X509 { id, .. }
+            | Object::AuthzSimple { id, .. }
+            | Object::Secret { id, .. } => id,
         }
     }
 }
@@ -507,6 +523,7 @@ fn add_object(objects: &mut Vec<Object>, spec: &str) -> Result<(), Fail> {
             "passwordid",
         ],
         "authz-simple" => &["qom-type", "id", "identity"],
+        "secret" => &["qom-type", "id", "data", "file", "format"],
         "tls-creds-psk" => {
             return Err(fail(
                 "--object tls-creds-psk is not supported: the TLS library (rustls) has no \
@@ -519,8 +536,8 @@ fn add_object(objects: &mut Vec<Object>, spec: &str) -> Result<(), Fail> {
                  anonymous TLS; use tls-creds-x509",
             ))
         }
-        "secret" | "secret_keyring" | "authz-list" | "authz-listfile" | "authz-pam"
-        | "tls-cipher-suites" | "throttle-group" | "iothread" => {
+        "secret_keyring" | "authz-list" | "authz-listfile" | "authz-pam" | "tls-cipher-suites"
+        | "throttle-group" | "iothread" => {
             return Err(fail(format!("--object {typ} is not supported")))
         }
         _ => {
@@ -541,6 +558,15 @@ fn add_object(objects: &mut Vec<Object>, spec: &str) -> Result<(), Fail> {
         )));
     }
     let obj = match typ.as_str() {
+        "secret" => Object::Secret {
+            secret: qimg::crypto::Secret::from_object(
+                get("data").map(String::as_str),
+                get("file").map(String::as_str),
+                get("format").map(String::as_str),
+            )
+            .map_err(fail)?,
+            id,
+        },
         "authz-simple" => Object::AuthzSimple {
             identity: get("identity")
                 .cloned()
@@ -849,11 +875,30 @@ fn run(prog: &str, o: &Opts) -> Result<(), String> {
             qimg::open::SnapshotSel::IdOrName(spec.clone())
         }
     });
+    let key = match spec.as_ref().and_then(|s| s.key_secret.as_deref()) {
+        Some(id) => Some(
+            o.secrets
+                .iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, s)| s.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "Failed to blk_new_open '{}': No secret with id '{id}'",
+                        o.image
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let open_opts = OpenOptions {
         format: format.clone(),
         writable,
         force_share: spec.as_ref().is_some_and(|s| s.force_share),
         snapshot: snapshot.clone(),
+        encrypt: qimg::crypto::EncryptOptions {
+            format: spec.as_ref().and_then(|s| s.encrypt_format.clone()),
+            key,
+        },
         ..OpenOptions::default()
     };
     if snapshot.is_some() {

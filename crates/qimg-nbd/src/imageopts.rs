@@ -16,6 +16,10 @@ pub struct ImageSpec {
     pub force_share: bool,
     /// The raw driver's `offset`: the disk starts this far into the file.
     pub offset: Option<u64>,
+    /// qcow2's `encrypt.key-secret`: the id of the `--object secret` with the key.
+    pub key_secret: Option<String>,
+    /// qcow2's `encrypt.format`, checked against the image's header.
+    pub encrypt_format: Option<String>,
 }
 
 /// Splits `a=b,c=d` into pairs; `,,` stands for a literal comma (QEMU's escaping).
@@ -138,6 +142,8 @@ pub fn parse(spec: &str, read_only_flag: bool) -> Result<ImageSpec, String> {
                 read_only |= on_off(k, v)?;
             }
             "force-share" => out.force_share = on_off(k, v)?,
+            "encrypt.key-secret" if driver == Some("qcow2") => out.key_secret = Some(v.clone()),
+            "encrypt.format" if driver == Some("qcow2") => out.encrypt_format = Some(v.clone()),
             "offset" if driver == Some("raw") => {
                 offset = Some(match parse_size(v) {
                     Ok(Some(n)) if n <= i64::MAX as u64 => n,

@@ -7,6 +7,7 @@
 
 pub mod addcow;
 pub mod buf;
+pub mod crypto;
 pub mod error;
 pub mod fault;
 pub mod image;

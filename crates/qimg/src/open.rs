@@ -40,6 +40,12 @@ pub struct OpenOptions {
     /// itself, 1 = its backing file, ...): `commit` writes into a backing file, and a
     /// second, writable open of the same file would conflict with the chain's own locks.
     pub writable_depth: Option<usize>,
+    /// Open without guest I/O (`qemu-img info`): encrypted images need no key. Applies
+    /// to the whole chain.
+    pub no_io: bool,
+    /// `encrypt.*` options of the top image (a backing file's own key is not taken from
+    /// here: QEMU names it `backing.encrypt.key-secret`).
+    pub encrypt: crate::crypto::EncryptOptions,
 }
 
 /// How an internal snapshot is named on a command line.
@@ -154,6 +160,7 @@ fn open_backing(
         writable_depth: depth,
         force_share: opts.force_share,
         no_lock: opts.no_lock,
+        no_io: opts.no_io,
         ..Default::default()
     };
     open_inner(&bpath, &bopts, seen)
@@ -220,6 +227,8 @@ fn build_qcow2(
     let q = Qcow2Options {
         writable: opts.writable,
         check: opts.check,
+        no_io: opts.no_io,
+        encrypt: opts.encrypt.clone(),
     };
     let mut img = Qcow2::open(storage, q)?;
     if let Some(sel) = &opts.snapshot {

@@ -46,6 +46,7 @@ fn open(path: &Path, writable: bool) -> Qcow2 {
         Qcow2Options {
             writable,
             check: false,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -209,6 +210,7 @@ fn crash_points_over_bitmap_updates() {
             Qcow2Options {
                 writable: true,
                 check: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -324,6 +326,7 @@ fn crash_resize_case(new_size: u64) {
             Qcow2Options {
                 writable: true,
                 check: false,
+                ..Default::default()
             },
         )
         .unwrap();

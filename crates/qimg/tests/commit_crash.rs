@@ -56,6 +56,7 @@ fn writable(fs: &Arc<FaultStorage>) -> Qcow2 {
         Qcow2Options {
             writable: true,
             check: false,
+            ..Default::default()
         },
     )
     .unwrap()

@@ -62,6 +62,7 @@ fn crash_case(name: &str, opts: &str, size: u64, cs: u64, ops: usize, seed: u64)
             Qcow2Options {
                 writable: true,
                 check: false,
+                ..Default::default()
             },
         )
         .unwrap();

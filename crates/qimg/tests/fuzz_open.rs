@@ -139,6 +139,7 @@ fn exercise(bytes: Vec<u8>, seed: u64) {
     let ro = Qcow2Options {
         writable: false,
         check: false,
+        ..Default::default()
     };
     if let Ok(img) = Qcow2::open(Arc::new(MemStorage::new(bytes.clone())), ro) {
         let len = img.len();
@@ -164,6 +165,7 @@ fn exercise(bytes: Vec<u8>, seed: u64) {
     let chk = Qcow2Options {
         writable: false,
         check: true,
+        ..Default::default()
     };
     if let Ok(img) = Qcow2::open(Arc::new(MemStorage::new(bytes.clone())), chk) {
         let _ = check::check(&img);
@@ -172,6 +174,7 @@ fn exercise(bytes: Vec<u8>, seed: u64) {
     let rw = Qcow2Options {
         writable: true,
         check: false,
+        ..Default::default()
     };
     let storage = Arc::new(MemStorage::new(bytes));
     if let Ok(img) = Qcow2::open(storage.clone() as Arc<dyn Storage>, rw) {

@@ -120,7 +120,15 @@ fn too_low(lines: &[String]) -> BTreeSet<u64> {
 }
 
 fn open(storage: Arc<dyn Storage>, writable: bool, check: bool) -> Qcow2 {
-    Qcow2::open(storage, Qcow2Options { writable, check }).unwrap()
+    Qcow2::open(
+        storage,
+        Qcow2Options {
+            writable,
+            check,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// The guest view of an image.

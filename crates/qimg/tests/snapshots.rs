@@ -101,6 +101,7 @@ fn crash_op(name: &str, opts: &str, size: &str, snap: bool, op: &dyn Fn(&mut Qco
             Qcow2Options {
                 writable: true,
                 check: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -221,6 +222,7 @@ fn snapshot_roundtrip_contents() {
         Qcow2Options {
             writable: true,
             check: false,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -125,6 +125,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<AmendOpts> {
 /// Runs `amend`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => amend_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -146,6 +147,58 @@ const QCOW2_AMEND_HELP: &str = "Amend options for 'qcow2':
   refcount_bits=<num>    - Width of a reference count entry in bits
   size=<size>            - Virtual disk size
 ";
+
+/// The `encrypt.*` options of LUKS key-slot management (handled by [`luks_amend`]).
+const LUKS_AMEND_KEYS: &[&str] = &[
+    "encrypt.state",
+    "encrypt.keyslot",
+    "encrypt.new-secret",
+    "encrypt.old-secret",
+    "encrypt.iter-time",
+];
+
+/// Applies `encrypt.state`/`keyslot`/`new-secret`/`old-secret`/`iter-time`, if given.
+fn luks_amend(o: &AmendOpts, q: &mut qimg::qcow2::Qcow2) -> Result<(), String> {
+    let pairs: Vec<(String, String)> = o
+        .options
+        .pairs()
+        .into_iter()
+        .filter(|(k, _)| LUKS_AMEND_KEYS.contains(&k.as_str()))
+        .collect();
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let get = |k: &str| pairs.iter().rev().find(|p| p.0 == k).map(|p| p.1.clone());
+    let mut a = qimg::qcow2::LuksAmend {
+        force: o.force,
+        iter_time_ms: 2000,
+        ..Default::default()
+    };
+    a.activate = match get("encrypt.state").as_deref() {
+        None => return Err("Parameter 'state' is missing".into()),
+        Some("active") => true,
+        Some("inactive") => false,
+        Some(v) => return Err(format!("Parameter 'state' does not accept value '{v}'")),
+    };
+    if let Some(k) = get("encrypt.keyslot") {
+        a.keyslot = Some(
+            k.parse()
+                .map_err(|_| "Parameter 'keyslot' expects a number".to_string())?,
+        );
+    }
+    if let Some(t) = get("encrypt.iter-time") {
+        a.iter_time_ms = t
+            .parse()
+            .map_err(|_| "Parameter 'iter-time' expects a number".to_string())?;
+    }
+    a.new_secret = get("encrypt.new-secret")
+        .map(|id| crate::secrets::secret(&id))
+        .transpose()?;
+    a.old_secret = get("encrypt.old-secret")
+        .map(|id| crate::secrets::secret(&id))
+        .transpose()?;
+    q.luks_amend(&a).map_err(|e| e.to_string())
+}
 
 /// qcow2 creation options that `amend` cannot change.
 const CREATE_ONLY: &[&str] = &[
@@ -252,6 +305,7 @@ fn amend_options(
                 )
                 .into())
             }
+            k if LUKS_AMEND_KEYS.contains(&k) => {}
             k if k.starts_with("encrypt.") => {
                 return Err("Amending encryption options is not supported by qimg"
                     .to_string()
@@ -296,6 +350,24 @@ fn amend_image(ctx: &Ctx, o: &AmendOpts, progress: &mut QemuProgress) -> i32 {
     if o.options.has_help() {
         crate::ctx::print_ignore(QCOW2_AMEND_HELP);
         return 0;
+    }
+    if let Err(m) = luks_amend(o, &mut q) {
+        ctx.error(&m);
+        return 1;
+    }
+    let pairs = o.options.pairs();
+    if !pairs.is_empty()
+        && pairs
+            .iter()
+            .all(|(k, _)| LUKS_AMEND_KEYS.contains(&k.as_str()))
+    {
+        return match q.close() {
+            Ok(()) => 0,
+            Err(e) => {
+                ctx.error(&e.to_string());
+                1
+            }
+        };
     }
     let r = match amend_options(o, q.header()) {
         Err(e) if !e.in_driver => Err(e.msg),

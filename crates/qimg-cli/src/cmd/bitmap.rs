@@ -179,6 +179,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<BitmapOpts> {
 /// Runs `bitmap`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => match execute(ctx, &opts) {
             Ok(()) => 0,
             Err(code) => code,

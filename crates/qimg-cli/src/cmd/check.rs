@@ -134,6 +134,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<CheckOpts> {
 /// Runs `check`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => check_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -225,7 +226,7 @@ fn check_cmd(ctx: &Ctx, o: &CheckOpts) -> i32 {
     };
     if !o.quiet {
         match o.output {
-            OutputFormat::Json => print_ignore(&json(&filename, &r)),
+            OutputFormat::Json => print_ignore(&json(&o.filename, &r)),
             OutputFormat::Human => print_ignore(&human(&r)),
         }
     }

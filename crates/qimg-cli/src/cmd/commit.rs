@@ -138,6 +138,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<CommitOpts> {
 /// Runs `commit`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => commit_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -273,6 +274,10 @@ fn commit_cmd(ctx: &Ctx, o: &CommitOpts) -> i32 {
             writable: true,
             no_backing: true,
             ..ro.clone()
+        };
+        let opts = match crate::cmd::common::with_encryption(ctx, &file, &opts) {
+            Ok(x) => x,
+            Err(c) => return c,
         };
         let r = open_qcow2(Path::new(&file), &opts).and_then(|q| q.make_empty());
         if let Err(e) = r {

@@ -9,10 +9,32 @@ use std::sync::Arc;
 
 /// Opens `filename`, reporting failure as `<prog>: Could not open '<file>': <why>`.
 pub fn open(ctx: &Ctx, filename: &str, opts: &OpenOptions) -> Result<Arc<dyn Image>, i32> {
-    open_image(Path::new(filename), opts).map_err(|e| {
-        ctx.error(&format!("Could not open '{filename}': {e}"));
+    let opts = with_encryption(ctx, filename, opts)?;
+    open_image(Path::new(filename), &opts).map_err(|e| {
+        ctx.error(&format!(
+            "Could not open '{}': {e}",
+            crate::secrets::display_name(filename)
+        ));
         1
     })
+}
+
+/// `opts` with the `encrypt.*` options `--image-opts` gave for `filename` (the secret
+/// resolved), reporting an unknown secret as qemu-img does.
+pub fn with_encryption(ctx: &Ctx, filename: &str, opts: &OpenOptions) -> Result<OpenOptions, i32> {
+    match crate::secrets::encrypt_options(filename, opts.no_io) {
+        Ok(encrypt) => Ok(OpenOptions {
+            encrypt,
+            ..opts.clone()
+        }),
+        Err(m) => {
+            ctx.error(&format!(
+                "Could not open '{}': {m}",
+                crate::secrets::display_name(filename)
+            ));
+            Err(1)
+        }
+    }
 }
 
 /// The qcow2 engine behind an image, if it is one.
@@ -92,16 +114,23 @@ pub fn image_spec(
     }
     let mut file = None;
     let mut driver = None;
+    let mut enc_format = None;
+    let mut key_secret = None;
     for (k, v) in crate::opts::parse_pairs(filename) {
         match k.as_str() {
             "driver" => driver = Some(v),
             "file.filename" | "filename" => file = Some(v),
+            "encrypt.format" if driver.as_deref() == Some("qcow2") => enc_format = Some(v),
+            "encrypt.key-secret" if driver.as_deref() == Some("qcow2") => key_secret = Some(v),
             "file.driver" | "file.locking" | "file.aio" | "read-only" | "force-share" => {}
             other => {
                 ctx.error(&format!("Could not open '{filename}': Block format '{}' does not support the option '{other}'", driver.as_deref().unwrap_or("raw")));
                 return Err(1);
             }
         }
+    }
+    if let (Some(f), true) = (&file, enc_format.is_some() || key_secret.is_some()) {
+        crate::secrets::set_image_encrypt(f, filename, enc_format, key_secret);
     }
     match (file, driver) {
         (Some(f), Some(d)) if d == "file" => Ok((f, Some("raw".into()))),
@@ -130,8 +159,12 @@ pub fn open_owned_rw(
         no_backing,
         ..Default::default()
     };
+    let opts = with_encryption(ctx, filename, &opts)?;
     let img = qimg::open::open_owned(Path::new(filename), &opts).map_err(|e| {
-        ctx.error(&format!("Could not open '{filename}': {e}"));
+        ctx.error(&format!(
+            "Could not open '{}': {e}",
+            crate::secrets::display_name(filename)
+        ));
         1
     })?;
     if probed && matches!(img, qimg::open::OwnedImage::Other(_)) {

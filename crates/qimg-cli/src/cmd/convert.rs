@@ -322,6 +322,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<ConvertOpts> {
 /// Runs `convert`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => convert_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -415,6 +416,10 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         let mut opts = ro_options(fmt, o.force_share);
         opts.snapshot = snapshot.clone();
         let r = if snapshot.is_some() {
+            let opts = match crate::cmd::common::with_encryption(ctx, s, &opts) {
+                Ok(x) => x,
+                Err(c) => return c,
+            };
             // qemu-img reports a missing snapshot without the "Could not open" prefix.
             qimg::open::open_image(Path::new(s), &opts).map_err(|e| {
                 match e {
@@ -471,6 +476,13 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
     }
     if o.compress && fmt != "qcow2" {
         ctx.error("Compression not supported for this file format");
+        return 1;
+    }
+    if o.compress
+        && (o.options.get("encrypt.format").is_some()
+            || o.options.get("encryption").as_deref() == Some("on"))
+    {
+        ctx.error("Compression and encryption not supported at the same time");
         return 1;
     }
     let target_path = Path::new(&o.target);
@@ -539,7 +551,21 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
         writable: true,
         ..Default::default()
     };
-    let target = if fmt == "qcow2" && fresh {
+    // A target created encrypted is opened with the key its creation options name (as
+    // qemu-img does) and written through the image engine, which encrypts.
+    let encrypted_target = fresh
+        && fmt == "qcow2"
+        && (o.options.get("encrypt.format").is_some()
+            || o.options.get("encryption").as_deref() == Some("on"));
+    if encrypted_target {
+        crate::secrets::set_image_encrypt(
+            &o.target,
+            &o.target,
+            None,
+            o.options.get("encrypt.key-secret"),
+        );
+    }
+    let target = if fmt == "qcow2" && fresh && !encrypted_target {
         let st = match open_locked(target_path, &topts) {
             Ok(s) => s,
             Err(e) => {
@@ -552,6 +578,7 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
             qimg::qcow2::Qcow2Options {
                 writable: false,
                 check: false,
+                ..Default::default()
             },
         ) {
             Ok(i) => i,
@@ -589,6 +616,19 @@ fn convert_cmd(ctx: &Ctx, o: &ConvertOpts) -> i32 {
                 ctx.error(&format!("Could not open '{}': {e}", o.target));
                 return 1;
             }
+        }
+    } else if o.target_image_opts {
+        let (t, f) = match crate::cmd::common::image_spec(ctx, &o.target, None, true) {
+            Ok(x) => x,
+            Err(c) => return c,
+        };
+        let topts = OpenOptions {
+            format: f,
+            ..topts.clone()
+        };
+        match open(ctx, &t, &topts) {
+            Ok(i) => Target::Image(i),
+            Err(c) => return c,
         }
     } else {
         match open(ctx, &o.target, &topts) {

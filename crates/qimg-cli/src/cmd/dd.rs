@@ -144,6 +144,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<DdOpts> {
 /// Runs `dd`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => dd_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }

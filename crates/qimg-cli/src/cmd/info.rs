@@ -122,12 +122,52 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<InfoOpts> {
 /// Runs `info`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => match info(ctx, &opts) {
             Ok(()) => 0,
             Err(code) => code,
         },
         Parsed::Exit(code) => code,
     }
+}
+
+/// The `encrypt` member of qcow2's format-specific info (QAPI `QCryptoBlockInfo`).
+fn encrypt_info(q: &qimg::qcow2::Qcow2) -> Value {
+    let Some(l) = q.luks_header() else {
+        return json!({"format": "aes"});
+    };
+    let mut o = Map::new();
+    o.insert("format".into(), json!("luks"));
+    o.insert("cipher-alg".into(), json!(l.cipher_alg.name()));
+    o.insert("cipher-mode".into(), json!(l.cipher_mode.name()));
+    o.insert("ivgen-alg".into(), json!(l.ivgen.name()));
+    if let qimg::crypto::IvGen::Essiv(hash) = l.ivgen {
+        o.insert("ivgen-hash-alg".into(), json!(hash.name()));
+    }
+    o.insert("hash-alg".into(), json!(l.hash.name()));
+    o.insert("detached-header".into(), json!(false));
+    o.insert(
+        "payload-offset".into(),
+        json!(l.payload_offset as u64 * 512),
+    );
+    o.insert("master-key-iters".into(), json!(l.mk_digest_iter));
+    o.insert("uuid".into(), json!(l.uuid));
+    let slots: Vec<Value> = l
+        .slots
+        .iter()
+        .map(|s| {
+            let mut so = Map::new();
+            so.insert("active".into(), json!(s.active));
+            if s.active {
+                so.insert("iters".into(), json!(s.iterations));
+                so.insert("stripes".into(), json!(s.stripes));
+            }
+            so.insert("key-offset".into(), json!(s.key_offset as u64 * 512));
+            Value::Object(so)
+        })
+        .collect();
+    o.insert("slots".into(), Value::Array(slots));
+    Value::Object(o)
 }
 
 /// Builds the `BlockGraphInfo` of one image (QAPI field order; the printer applies
@@ -218,6 +258,10 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
             );
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if q.encrypted() {
+            m.insert("encrypted".into(), json!(true));
+            d.insert("encrypt".into(), encrypt_info(q));
+        }
         if !q.bitmaps().is_empty() {
             let bms: Vec<Value> = q
                 .bitmaps()
@@ -301,11 +345,11 @@ pub fn human(v: &Value) -> String {
         n("virtual-size")
     );
     out += &format!("disk size: {}\n", size_to_str(n("actual-size")));
-    if let Some(cs) = v["cluster-size"].as_u64() {
-        out += &format!("cluster_size: {cs}\n");
-    }
     if v["encrypted"].as_bool() == Some(true) {
         out += "encrypted: yes\n";
+    }
+    if let Some(cs) = v["cluster-size"].as_u64() {
+        out += &format!("cluster_size: {cs}\n");
     }
     if v["dirty-flag"].as_bool() == Some(true) {
         out += "cleanly shut down: no\n";
@@ -377,6 +421,7 @@ fn info(ctx: &Ctx, o: &InfoOpts) -> Result<(), i32> {
             force_share: o.force_share,
             no_backing: true,
             no_data_file: true,
+            no_io: true,
             ..Default::default()
         };
         let canon = std::fs::canonicalize(&name).unwrap_or_else(|_| PathBuf::from(&name));
@@ -386,10 +431,15 @@ fn info(ctx: &Ctx, o: &InfoOpts) -> Result<(), i32> {
         }
         seen.push(canon);
         let img = open(ctx, &name, &opts)?;
-        let v = image_info(&name, img.as_ref()).map_err(|e| {
+        let mut v = image_info(&name, img.as_ref()).map_err(|e| {
             ctx.error(&e);
             1
         })?;
+        if infos.is_empty() {
+            if let Some(j) = crate::secrets::json_filename(&name) {
+                v["filename"] = j.into();
+            }
+        }
         let next = v["full-backing-filename"].as_str().map(str::to_string);
         format = v["backing-filename-format"].as_str().map(str::to_string);
         infos.push(v);

@@ -160,6 +160,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<MeasureOpts> {
 /// Runs `measure`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => measure_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -238,13 +239,29 @@ fn measure_cmd(ctx: &Ctx, o: &MeasureOpts) -> i32 {
     } else {
         measure_raw(size, usage.as_ref()).map_err(|e| e.to_string())
     };
-    let info = match r {
+    let mut info = match r {
         Ok(i) => i,
         Err(m) => {
             ctx.error(&m);
             return 1;
         }
     };
+    // A LUKS target also holds its header area, rounded up to clusters (qcow2_measure);
+    // as in QEMU the key's secret must exist.
+    if fmt == "qcow2" && get(&vals, "encrypt.format") == Some("luks") {
+        match crate::cmd::create::encryption_options(&vals) {
+            Ok(Some(qimg::qcow2::create::CreateEncryption::Luks(p, _))) => {
+                let luks = qimg::crypto::luks::area_len(&p).div_ceil(cs) * cs;
+                info.required += luks;
+                info.fully_allocated += luks;
+            }
+            Ok(_) => {}
+            Err(m) => {
+                ctx.error(&m);
+                return 1;
+            }
+        }
+    }
     let out = match o.output {
         OutputFormat::Json => {
             let mut m = serde_json::Map::new();

@@ -157,6 +157,7 @@ pub fn parse(ctx: &Ctx, args: &[String]) -> Parsed<RebaseOpts> {
 /// Runs `rebase`; returns the process exit code.
 pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match parse(ctx, args) {
+        Parsed::Run(opts) if crate::secrets::register(ctx, &opts.objects).is_err() => 1,
         Parsed::Run(opts) => rebase_cmd(ctx, &opts),
         Parsed::Exit(code) => code,
     }
@@ -201,6 +202,10 @@ fn rebase_cmd(ctx: &Ctx, o: &RebaseOpts) -> i32 {
         writable: true,
         no_backing: o.unsafe_mode,
         ..ro_options(fmt, o.force_share)
+    };
+    let opts = match crate::cmd::common::with_encryption(ctx, &file, &opts) {
+        Ok(x) => x,
+        Err(c) => return c,
     };
     let mut img = match open_qcow2(path, &opts) {
         Ok(i) => i,

@@ -136,6 +136,17 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// Mark the data file as a valid raw image (forces metadata preallocation).
     pub data_file_raw: bool,
+    /// Encrypt guest data.
+    pub encryption: Option<CreateEncryption>,
+}
+
+/// How a new image is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateEncryption {
+    /// Legacy AES (crypt_method 1), keyed by the secret.
+    Aes(crate::crypto::Secret),
+    /// LUKS (crypt_method 2) with these parameters, slot 0 opened by the secret.
+    Luks(crate::crypto::luks::LuksParams, crate::crypto::Secret),
 }
 
 impl Default for CreateOptions {
@@ -153,6 +164,7 @@ impl Default for CreateOptions {
             backing_fmt: None,
             data_file: None,
             data_file_raw: false,
+            encryption: None,
         }
     }
 }
@@ -314,7 +326,7 @@ impl CreateOptions {
             return inval(TOO_LARGE);
         }
         // The header (with the backing name) must fit in the first cluster.
-        self.final_header(size, 0, 0, 0, 0)?;
+        self.final_header(size, 0, 0, 0, 0, None)?;
         Ok(())
     }
 
@@ -326,8 +338,17 @@ impl CreateOptions {
         l1_offset: u64,
         reftable_offset: u64,
         reftable_clusters: u64,
+        crypto: Option<header::CryptoExt>,
     ) -> Result<Vec<u8>> {
         let mut h = Header::new(self.compat.version(), self.cluster_bits(), size);
+        match &self.encryption {
+            None => {}
+            Some(CreateEncryption::Aes(_)) => h.crypt_method = 1,
+            Some(CreateEncryption::Luks(..)) => {
+                h.crypt_method = 2;
+                h.crypto = crypto;
+            }
+        }
         h.l1_size = l1_size as u32;
         h.l1_table_offset = l1_offset;
         h.refcount_table_offset = reftable_offset;
@@ -1041,6 +1062,17 @@ fn build(file: &FileStorage, data: Option<&FileStorage>, opts: &CreateOptions) -
             }
         }
     }
+    // QEMU sets up encryption last: the LUKS area takes the next free clusters.
+    let luks = match &opts.encryption {
+        Some(CreateEncryption::Luks(params, secret)) => {
+            let area = crate::crypto::luks::create(params, secret.bytes())?.area;
+            let n = (area.len() as u64).div_ceil(cs);
+            let at = sim.alloc(n)?;
+            sim.grow_file((at + n) * cs);
+            Some((at * cs, area))
+        }
+        _ => None,
+    };
     sim.finish(l1_at)?;
     let header = opts.final_header(
         size,
@@ -1048,7 +1080,14 @@ fn build(file: &FileStorage, data: Option<&FileStorage>, opts: &CreateOptions) -
         l1_at * cs,
         sim.reftable_at * cs,
         sim.reftable_clusters,
+        luks.as_ref().map(|(at, area)| header::CryptoExt {
+            offset: *at,
+            length: area.len() as u64,
+        }),
     )?;
+    if let Some((at, area)) = &luks {
+        file.write_at(area, *at)?;
+    }
     file.write_at(&header, 0)?;
     if let Some((from, to, mode)) = data_fill {
         grow_with(file, from, to, mode)?;

@@ -48,6 +48,28 @@ pub struct Qcow2Options {
     /// Open for `check`: tolerate a missing refcount table, corrupt and dirty images, and
     /// read the snapshot table leniently.
     pub check: bool,
+    /// Open without doing guest I/O (`qemu-img info`): an encrypted image then needs no
+    /// key, and reads fail.
+    pub no_io: bool,
+    /// `encrypt.*` open options (format check and the key's secret).
+    pub encrypt: crate::crypto::EncryptOptions,
+}
+
+/// A LUKS key-slot change (`qemu-img amend -o encrypt.*`).
+#[derive(Debug, Clone, Default)]
+pub struct LuksAmend {
+    /// `encrypt.state=active` (add a key) rather than `inactive` (erase keys).
+    pub activate: bool,
+    /// `encrypt.keyslot`.
+    pub keyslot: Option<u64>,
+    /// `encrypt.new-secret`: the passphrase to add.
+    pub new_secret: Option<crate::crypto::Secret>,
+    /// `encrypt.old-secret`: erase the slots this passphrase opens.
+    pub old_secret: Option<crate::crypto::Secret>,
+    /// `encrypt.iter-time` for a new slot (milliseconds).
+    pub iter_time_ms: u64,
+    /// `--force`: allow overwriting an active slot or erasing the last one.
+    pub force: bool,
 }
 
 /// The most recently decompressed cluster: descriptor offset and data.
@@ -95,6 +117,15 @@ pub struct Qcow2 {
     last_decompressed: Mutex<Option<DecompressedCluster>>,
     /// Whether the image looks metadata-preallocated (decided on first use).
     metadata_prealloc: std::sync::OnceLock<bool>,
+    /// The data cipher of an encrypted image opened with its key.
+    cipher: Option<Arc<crate::crypto::SectorCipher>>,
+    /// The LUKS header of a LUKS-encrypted image.
+    luks: Option<crate::crypto::luks::LuksHeader>,
+    /// The LUKS master key, once unlocked (key-slot changes need it).
+    master_key: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// Serializes read-modify-write of partial sectors of an encrypted image, so two
+    /// writes to different bytes of one sector cannot lose each other's update.
+    rmw_lock: Mutex<()>,
     opts: Qcow2Options,
 }
 
@@ -170,11 +201,7 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));
         }
-        if h.crypt_method != 0 {
-            return Err(Error::unsupported(
-                "Encrypted images are not supported by qimg yet".to_string(),
-            ));
-        }
+        let (cipher, luks, master_key) = Self::open_crypto(file.as_ref(), &h, &opts)?;
         if h.refcount_table_clusters == 0 && !opts.check {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
@@ -331,11 +358,266 @@ impl Qcow2 {
             warnings,
             last_decompressed: Mutex::new(None),
             metadata_prealloc: std::sync::OnceLock::new(),
+            cipher,
+            luks,
+            master_key,
+            rmw_lock: Mutex::new(()),
             header: h,
             opts,
         };
         q.bm_open()?;
         Ok(Some(q))
+    }
+
+    /// Validates the encryption header and, given the key, builds the data cipher
+    /// (QEMU's order and messages: format check, extension presence, LUKS header, key).
+    #[allow(clippy::type_complexity)]
+    fn open_crypto(
+        file: &dyn Storage,
+        h: &Header,
+        opts: &Qcow2Options,
+    ) -> Result<(
+        Option<Arc<crate::crypto::SectorCipher>>,
+        Option<crate::crypto::luks::LuksHeader>,
+        Option<zeroize::Zeroizing<Vec<u8>>>,
+    )> {
+        use crate::crypto::{luks, SectorCipher};
+        let fmt = match h.crypt_method {
+            0 => None,
+            1 => Some("aes"),
+            _ => Some("luks"),
+        };
+        if let Some(want) = opts.encrypt.format.as_deref() {
+            match fmt {
+                Some(f) if f != want => {
+                    return Err(Error::invalid(format!(
+                        "Header reported '{f}' encryption format but options specify '{want}'"
+                    )))
+                }
+                None => {
+                    return Err(Error::invalid(format!(
+                        "Header reported 'none' encryption format but options specify '{want}'"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if h.crypto.is_some() && h.crypt_method != 2 {
+            return Err(Error::invalid(
+                "CRYPTO header extension only expected with LUKS encryption method",
+            ));
+        }
+        let Some(fmt) = fmt else {
+            return Ok((None, None, None));
+        };
+        let mut header = None;
+        if fmt == "luks" {
+            let ext = h
+                .crypto
+                .ok_or_else(|| Error::invalid("Missing CRYPTO header for crypt method 2"))?;
+            let cs = h.cluster_size();
+            if !aligned(ext.offset, cs) {
+                return Err(Error::invalid(format!(
+                    "Encryption header offset '{}' is not a multiple of cluster size '{cs}'",
+                    ext.offset
+                )));
+            }
+            if ext
+                .offset
+                .checked_add(ext.length)
+                .is_none_or(|e| e > MAX_HOST_OFFSET)
+            {
+                return Err(Error::invalid("Encryption header length invalid"));
+            }
+            let mut b = vec![0u8; crate::crypto::luks::HEADER_LEN];
+            if ext.length < b.len() as u64 {
+                return Err(Error::invalid(
+                    "Request for data outside of extension header",
+                ));
+            }
+            file.read_at(&mut b, ext.offset)?;
+            header = Some(luks::LuksHeader::parse(&b, ext.length)?);
+        }
+        if opts.no_io {
+            // As QEMU with BDRV_O_NO_IO: the header is checked, the key not even tried.
+            return Ok((None, header, None));
+        }
+        let key = opts.encrypt.key.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher".into())
+        })?;
+        let (cipher, mk) = match &header {
+            Some(lh) => {
+                let base = h.crypto.unwrap().offset;
+                let (c, mk) =
+                    lh.unlock_key(key.bytes(), &|buf, off| file.read_at(buf, base + off))?;
+                (c, Some(mk))
+            }
+            None => (SectorCipher::legacy_aes(key.bytes())?, None),
+        };
+        Ok((Some(Arc::new(cipher)), header, mk))
+    }
+
+    /// The LUKS header of a LUKS-encrypted image.
+    pub fn luks_header(&self) -> Option<&crate::crypto::luks::LuksHeader> {
+        self.luks.as_ref()
+    }
+
+    /// Changes LUKS key slots as `qemu-img amend -o encrypt.*` does (QEMU's checks and
+    /// messages). The image must be open writable with its key.
+    pub fn luks_amend(&mut self, a: &LuksAmend) -> Result<()> {
+        use crate::crypto::luks::SLOTS;
+        let inval = |m: String| Err(Error::InvalidArgument(m));
+        let (Some(mut lh), Some(ext)) = (self.luks.clone(), self.header.crypto) else {
+            return inval("Amending encryption options needs a LUKS-encrypted image".into());
+        };
+        let Some(mk) = self.master_key.clone() else {
+            return inval("Parameter 'encrypt.key-secret' is required for cipher".into());
+        };
+        let file = self.file.clone();
+        let read = |buf: &mut [u8], off: u64| file.read_at(buf, ext.offset + off);
+        let active =
+            |lh: &crate::crypto::luks::LuksHeader| lh.slots.iter().filter(|s| s.active).count();
+        if let Some(k) = a.keyslot {
+            if k >= SLOTS as u64 {
+                return inval(format!(
+                    "Invalid keyslot {k} specified, must be between 0 and {}",
+                    SLOTS - 1
+                ));
+            }
+        }
+        // Key material first when adding (a crash leaves the slot disabled), the header
+        // first when erasing (a crash leaves the slot disabled, its material intact).
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        if a.activate {
+            let Some(new) = &a.new_secret else {
+                return inval("'new-secret' is required to activate a keyslot".into());
+            };
+            if a.old_secret.is_some() {
+                return inval("'old-secret' must not be given when activating keyslots".into());
+            }
+            let slot = match a.keyslot {
+                Some(k) => k as usize,
+                None => match lh.slots.iter().position(|s| !s.active) {
+                    Some(i) => i,
+                    None => return inval("Can't add a keyslot - all keyslots are in use".into()),
+                },
+            };
+            if lh.slots[slot].active && !a.force {
+                return inval(format!(
+                    "Refusing to overwrite active keyslot {slot} - please erase it first"
+                ));
+            }
+            let material = lh.set_slot(slot, new.bytes(), &mk, a.iter_time_ms)?;
+            writes.push((lh.material_offset(slot), material));
+            writes.push((0, lh.serialize()));
+        } else {
+            if a.new_secret.is_some() {
+                return inval("'new-secret' must not be given when erasing keyslots".into());
+            }
+            let slots = match (a.keyslot, &a.old_secret) {
+                (Some(k), _) => {
+                    let k = k as usize;
+                    if !lh.slots[k].active {
+                        return inval(format!("Given keyslot {k} is already erased (inactive) "));
+                    }
+                    if active(&lh) == 1 && !a.force {
+                        return inval(format!("Attempt to erase the only active keyslot {k} which will erase all the data in the image irreversibly - refusing operation"));
+                    }
+                    vec![k]
+                }
+                (None, Some(old)) => {
+                    let m = lh.matching_slots(old.bytes(), &read)?;
+                    if m.is_empty() {
+                        return inval("No keyslots match given (old) password for erase operation".into());
+                    }
+                    if m.len() == active(&lh) && !a.force {
+                        return inval("All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation".into());
+                    }
+                    m
+                }
+                (None, None) => return inval("To erase keyslot(s), either explicit keyslot index or the password currently contained in them must be given".into()),
+            };
+            let mut junk = Vec::new();
+            for k in slots {
+                junk.push((lh.material_offset(k), lh.erase_slot(k)?));
+            }
+            writes.push((0, lh.serialize()));
+            writes.extend(junk);
+        }
+        for (off, data) in &writes {
+            self.file.write_at(data, ext.offset + off)?;
+            self.file.flush()?;
+        }
+        self.luks = Some(lh);
+        Ok(())
+    }
+
+    /// Whether guest data is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.header.crypt_method != 0
+    }
+
+    /// The data cipher, when the image is encrypted; reads and writes of an encrypted
+    /// image opened without its key fail here.
+    fn cipher_for_io(&self) -> Result<Option<&crate::crypto::SectorCipher>> {
+        if !self.encrypted() {
+            return Ok(None);
+        }
+        match &self.cipher {
+            Some(c) => Ok(Some(c)),
+            None => Err(Error::InvalidArgument(
+                "Parameter 'encrypt.key-secret' is required for cipher".into(),
+            )),
+        }
+    }
+
+    /// The sector number an encrypted sector's IV is made from: QEMU's LUKS uses the
+    /// host offset, the legacy AES method the guest offset (verified on images QEMU
+    /// wrote).
+    fn iv_sector(&self, host: u64, guest: u64) -> u64 {
+        if self.header.crypt_method == 2 {
+            host / 512
+        } else {
+            guest / 512
+        }
+    }
+
+    /// Reads data of an encrypted image at `host` (guest `guest`) and decrypts it; the
+    /// range is widened to whole sectors, which never leaves the cluster.
+    fn read_encrypted(
+        &self,
+        c: &crate::crypto::SectorCipher,
+        out: &mut [u8],
+        host: u64,
+        guest: u64,
+    ) -> Result<()> {
+        let lead = (host & 511) as usize;
+        let h0 = host - lead as u64;
+        let total = (lead + out.len()).div_ceil(512) * 512;
+        let storage = self.data_storage()?;
+        if lead == 0 && total == out.len() {
+            storage.read_at(out, h0)?;
+            c.decrypt(out, self.iv_sector(h0, guest));
+            return Ok(());
+        }
+        let mut buf = vec![0u8; total];
+        storage.read_at(&mut buf, h0)?;
+        c.decrypt(&mut buf, self.iv_sector(h0, guest - lead as u64));
+        out.copy_from_slice(&buf[lead..lead + out.len()]);
+        Ok(())
+    }
+
+    /// Encrypts `data` (whole sectors at host `host`, guest `guest`) into a new buffer.
+    pub(crate) fn encrypt_copy(
+        &self,
+        c: &crate::crypto::SectorCipher,
+        data: &[u8],
+        host: u64,
+        guest: u64,
+    ) -> Vec<u8> {
+        let mut b = data.to_vec();
+        c.encrypt(&mut b, self.iv_sector(host, guest));
+        b
     }
 
     /// Warnings QEMU prints when it opens this image (front ends show them).
@@ -852,7 +1134,10 @@ impl Image for Qcow2 {
             let n = n as usize;
             let out = &mut buf[done..done + n];
             match m {
-                Mapping::Data(host) => self.data_storage()?.read_at(out, host)?,
+                Mapping::Data(host) => match self.cipher_for_io()? {
+                    Some(c) => self.read_encrypted(c, out, host, pos)?,
+                    None => self.data_storage()?.read_at(out, host)?,
+                },
                 Mapping::Zero(_) => out.fill(0),
                 Mapping::Unallocated(_) => self.read_backing(out, pos)?,
                 Mapping::Compressed(desc) => {
@@ -891,6 +1176,13 @@ impl Image for Qcow2 {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let (mut n, m) = self.map_run(offset, len)?;
         let status = match m {
+            Mapping::Data(_) if self.encrypted() => Status {
+                allocated: true,
+                data: true,
+                zero: false,
+                offset: None,
+                compressed: false,
+            },
             Mapping::Data(h) => {
                 let (n2, zero) = self.refine_with_file(h, n)?;
                 n = n2;
@@ -917,6 +1209,16 @@ impl Image for Qcow2 {
                 offset: None,
                 compressed: true,
             },
+        };
+        // QEMU reports no host offset at all for encrypted images (the bytes there are
+        // not the guest's), whatever the cluster type.
+        let status = if self.encrypted() {
+            Status {
+                offset: None,
+                ..status
+            }
+        } else {
+            status
         };
         Ok(Extent {
             start: offset,

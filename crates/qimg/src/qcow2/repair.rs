@@ -155,6 +155,8 @@ pub(super) fn repair_dirty(file: Arc<dyn Storage>) -> Result<()> {
         Qcow2Options {
             writable: true,
             check: true,
+            no_io: true,
+            ..Default::default()
         },
     )?;
     let r = repair(&img, RepairMode::All)?.result();
@@ -182,6 +184,8 @@ fn recheck(file: Arc<dyn Storage>) -> CheckReport {
         Qcow2Options {
             writable: false,
             check: true,
+            no_io: true,
+            ..Default::default()
         },
     );
     let failed = |errno| CheckReport {

@@ -404,7 +404,10 @@ impl Qcow2 {
             let gate = self.io_gate.read().unwrap();
             self.release(&mut g, gc);
             drop(g);
-            let r = storage.write_at(data, h + a);
+            let r = match self.cipher_for_io()? {
+                Some(c) => storage.write_at(&self.encrypt_copy(c, data, h + a, offset), h + a),
+                None => storage.write_at(data, h + a),
+            };
             drop(gate);
             return r;
         }
@@ -424,7 +427,14 @@ impl Qcow2 {
         // Phase 2.
         let io = self
             .fill_region(guest_base, region.0, region.1, a, data)
-            .and_then(|buf| storage.write_at(&buf, host + region.0));
+            .and_then(|mut buf| {
+                // Copy-on-write data is plaintext here (read through the cipher) and is
+                // encrypted for its new host position.
+                if let Some(c) = self.cipher_for_io()? {
+                    buf = self.encrypt_copy(c, &buf, host + region.0, guest_base + region.0);
+                }
+                storage.write_at(&buf, host + region.0)
+            });
 
         // Phase 3.
         let mut g = self.ws.lock().unwrap();
@@ -507,6 +517,14 @@ impl Qcow2 {
     fn write_compressed_inner(&self, data: &[u8], offset: u64) -> Result<()> {
         let cs = self.cluster_size();
         self.check_range(offset, data.len() as u64)?;
+        if self.encrypted() {
+            // Compressed clusters are never encrypted (QEMU reads them as they are and,
+            // with `convert -c -n`, even writes them so): that would put guest data on
+            // disk in clear, so qimg refuses.
+            return Err(Error::unsupported(
+                "Compression is not supported for encrypted images",
+            ));
+        }
         if offset & (cs - 1) != 0
             || (data.len() as u64 != cs && offset + data.len() as u64 != self.len())
             || data.len() as u64 > cs
@@ -580,6 +598,17 @@ impl Qcow2 {
 
     fn do_write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        if self.cipher_for_io()?.is_some() && !(offset | buf.len() as u64).is_multiple_of(512) {
+            // Encryption works on whole sectors: merge a partial one with what it holds.
+            let _rmw = self.rmw_lock.lock().unwrap();
+            let a = offset & !511;
+            let b = (offset + buf.len() as u64).div_ceil(512) * 512;
+            let mut whole = vec![0u8; (b - a) as usize];
+            // check_range keeps the request inside len(), a multiple of 512, so b is too.
+            self.read_at(&mut whole, a)?;
+            whole[(offset - a) as usize..(offset - a) as usize + buf.len()].copy_from_slice(buf);
+            return self.do_write_inner(&whole, a);
+        }
         // Dirty bitmaps record the request before any of it can reach the disk.
         self.bm_note_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
@@ -671,7 +700,13 @@ impl Qcow2 {
         }
         let gate = self.io_gate.read().unwrap();
         drop(g);
-        let r = self.data_storage()?.write_at(&data[..len as usize], host);
+        let r = match self.cipher_for_io()? {
+            Some(c) => self.data_storage()?.write_at(
+                &self.encrypt_copy(c, &data[..len as usize], host, offset),
+                host,
+            ),
+            None => self.data_storage()?.write_at(&data[..len as usize], host),
+        };
         drop(gate);
         r?;
         Ok(len as usize)
@@ -744,7 +779,14 @@ impl Qcow2 {
         }
         drop(g);
         // Phase 2: the data, in one write.
-        let io = self.file.write_at(&data[..(n * cs) as usize], host);
+        let io = match self.cipher_for_io() {
+            Ok(Some(c)) => self.file.write_at(
+                &self.encrypt_copy(c, &data[..(n * cs) as usize], host, offset),
+                host,
+            ),
+            Ok(None) => self.file.write_at(&data[..(n * cs) as usize], host),
+            Err(e) => Err(e),
+        };
         // Phase 3: link every cluster, one slice copy per L2 slice.
         let mut g = self.ws.lock().unwrap();
         let st = g.as_mut().unwrap();

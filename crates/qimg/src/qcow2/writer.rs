@@ -133,6 +133,7 @@ impl Qcow2Writer {
             Qcow2Options {
                 writable: true,
                 check: false,
+                ..Default::default()
             },
         )?;
         if let Some(d) = data_file {
