@@ -170,7 +170,8 @@ selected() { [ -z "${BENCH_ONLY:-}" ] || grep -Eq -- "$BENCH_ONLY" <<<"$1"; }
 # and @OUT@ for an output file name distinct per tool; short operations are repeated REPEAT
 # times per timing. QEMU-TEMPLATE, when given, is what qemu-img runs (e.g. its best -m/-W).
 # VERIFY is `stdout` (both tools print the same), `first-line` (the same first line, for
-# output that ends with a timing) or `same-as:IMAGE` (every output of both
+# output that ends with a timing), `luks-same-as:RAW` (a LUKS output opened with $SECRET
+# reads as RAW) or `same-as:IMAGE` (every output of both
 # tools reads the same as IMAGE, by qemu-img compare). Outputs are checked right after each
 # run and removed before the next timing: a gigabyte of the other tool's output left in the
 # page cache changes how fast the next run gets memory, and so the figures.
@@ -199,6 +200,10 @@ bench() {
             fi
             case "$verify" in
                 same-as:*) "$QEMU_IMG" compare -q "${verify#same-as:}" "out.$tool" || same="DIFFERENT" ;;
+                luks-same-as:*)
+                    "$QEMU_IMG" compare -q --object "$SECRET" --image-opts \
+                        "driver=raw,file.filename=${verify#luks-same-as:}" \
+                        "driver=qcow2,file.filename=out.$tool,encrypt.key-secret=s0" || same="DIFFERENT" ;;
             esac
         done
         [ "$verify" = stdout ] && { cmp -s stdout.q stdout.t || same="DIFFERENT"; }
@@ -273,6 +278,10 @@ bench "raw->qcow2 -c zlib" same-as:data.raw 1 "@BIN@ convert -c -f raw -O qcow2 
     "@BIN@ convert -m 16 -c -f raw -O qcow2 data.raw @OUT@"
 bench "raw->qcow2 -c zstd" same-as:data.raw 1 "@BIN@ convert -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@" \
     "@BIN@ convert -m 16 -c -o compression_type=zstd -f raw -O qcow2 data.raw @OUT@"
+SECRET="secret,id=s0,data=bench-passphrase"
+bench "raw->qcow2 LUKS (aes-xts)" luks-same-as:data.raw 1 \
+    "@BIN@ convert --object $SECRET -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 data.raw @OUT@" \
+    "@BIN@ convert -m 16 -W --object $SECRET -f raw -O qcow2 -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 data.raw @OUT@"
 bench "flatten 2-deep chain->raw" same-as:top.qcow2 1 "@BIN@ convert -O raw top.qcow2 @OUT@" \
     "@BIN@ convert -m 16 -W -O raw top.qcow2 @OUT@"
 bench "map --output=json" stdout 10 "@BIN@ map -f qcow2 --output=json src.qcow2"
