@@ -196,17 +196,7 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
     if let Some(q) = q {
         let h = q.header();
         m.insert("cluster-size".into(), json!(h.cluster_size()));
-        if let Some(b) = &h.backing_file {
-            m.insert("backing-filename".into(), json!(b));
-            let full = resolve_relative(Path::new(filename), b);
-            m.insert(
-                "full-backing-filename".into(),
-                json!(full.display().to_string()),
-            );
-            if let Some(f) = &h.backing_format {
-                m.insert("backing-filename-format".into(), json!(f));
-            }
-        }
+        insert_backing(&mut m, filename, &h.backing_file, &h.backing_format);
         if !q.snapshots().is_empty() {
             let snaps: Vec<Value> = q
                 .snapshots()
@@ -294,17 +284,7 @@ pub fn image_info(filename: &str, img: &dyn Image) -> Result<Value, String> {
         // and the image file under format-specific.
         let h = a.header();
         m.insert("cluster-size".into(), json!(h.cluster_size()));
-        if let Some(b) = &h.backing_file {
-            m.insert("backing-filename".into(), json!(b));
-            let full = resolve_relative(Path::new(filename), b);
-            m.insert(
-                "full-backing-filename".into(),
-                json!(full.display().to_string()),
-            );
-            if let Some(f) = &h.backing_format {
-                m.insert("backing-filename-format".into(), json!(f));
-            }
-        }
+        insert_backing(&mut m, filename, &h.backing_file, &h.backing_format);
         let full = resolve_relative(Path::new(filename), &h.image_file);
         m.insert(
             "format-specific".into(),
@@ -455,4 +435,24 @@ fn info(ctx: &Ctx, o: &InfoOpts) -> Result<(), i32> {
     };
     print_ignore(&text);
     Ok(())
+}
+
+/// The backing-file keys of `info --output=json`, as QEMU fills them.
+fn insert_backing(
+    m: &mut Map<String, Value>,
+    filename: &str,
+    backing: &Option<String>,
+    format: &Option<String>,
+) {
+    if let Some(b) = backing {
+        m.insert("backing-filename".into(), json!(b));
+        let full = resolve_relative(Path::new(filename), b);
+        m.insert(
+            "full-backing-filename".into(),
+            json!(full.display().to_string()),
+        );
+        if let Some(f) = format {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+    }
 }
