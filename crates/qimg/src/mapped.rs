@@ -14,6 +14,21 @@ use crate::error::Result;
 use crate::image::{chain_status, Image};
 use crate::storage::Mapping;
 
+/// The file holding one layer's guest data at the host offsets its block status reports:
+/// a raw image's file, a qcow2 image's data file (or the image file), an add-cow image's
+/// image file (copied clusters sit at their guest offsets there). `None` for other formats.
+pub(crate) fn data_file(layer: &dyn Image) -> Option<&std::sync::Arc<dyn crate::storage::Storage>> {
+    let any = layer.as_any();
+    if let Some(r) = any.downcast_ref::<crate::raw::Raw>() {
+        Some(r.file())
+    } else if let Some(q) = any.downcast_ref::<crate::qcow2::Qcow2>() {
+        Some(q.data_file().unwrap_or(q.file()))
+    } else {
+        any.downcast_ref::<crate::addcow::AddCow>()
+            .map(|a| a.image_file())
+    }
+}
+
 /// The mapped files of one image's layers.
 #[derive(Debug)]
 pub struct MappedLayers {
@@ -28,15 +43,7 @@ impl MappedLayers {
         let mut maps = Vec::new();
         let mut layer = Some(top);
         while let Some(l) = layer {
-            let any = l.as_any();
-            let file = if let Some(r) = any.downcast_ref::<crate::raw::Raw>() {
-                r.file()
-            } else if let Some(q) = any.downcast_ref::<crate::qcow2::Qcow2>() {
-                q.data_file().unwrap_or(q.file())
-            } else if let Some(a) = any.downcast_ref::<crate::addcow::AddCow>() {
-                // Copied clusters sit at their guest offsets in the image file.
-                a.image_file()
-            } else {
+            let Some(file) = data_file(l) else {
                 break;
             };
             maps.push(file.map_readonly());

@@ -235,10 +235,9 @@ impl<'a> Sources<'a> {
             let img = self.images[i].as_ref();
             let n = ((img.len() - off) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            if let Err(first) = img.read_at(piece, off) {
+            if img.read_at(piece, off).is_err() {
                 let at = t + done as u64;
                 if let Some((bad, e)) = retry_read(img, piece, off, at, salvage, salvaged) {
-                    drop(first);
                     let unit = source_cluster(img);
                     let start = (bad - at + off) / unit * unit;
                     return Err(Error::Copy {
@@ -426,25 +425,39 @@ enum Plan {
     /// written as zeros unless the target already reads as zeros.
     Runs(Vec<(usize, usize, bool)>),
     /// `-C`: pieces as the sources' block status gives them.
-    Copy(Vec<Piece2>),
+    Copy(Vec<CopyPiece>),
 }
 
 /// A piece of a chunk under `convert -C`: (start, end) in the chunk and where it comes
 /// from.
-struct Piece2 {
+struct CopyPiece {
     a: usize,
     b: usize,
-    from: From,
+    from: Origin,
 }
 
 /// Where a `convert -C` piece comes from.
-enum From {
+enum Origin {
     /// It reads as zeros.
     Zero,
     /// Read into the job's buffer (compressed data, or a layer that is not a plain file).
     Buffer,
     /// Stored as is in a layer's file at this offset: the kernel copies it.
     File(Arc<dyn crate::storage::Storage>, u64),
+}
+
+impl CopyPiece {
+    /// Whether `next` (starting where this piece ends) continues it: same origin, and
+    /// for file pieces the next bytes of the same file.
+    fn continued_by(&self, next: &Origin) -> bool {
+        match (&self.from, next) {
+            (Origin::Zero, Origin::Zero) | (Origin::Buffer, Origin::Buffer) => true,
+            (Origin::File(f, h), Origin::File(g, k)) => {
+                Arc::ptr_eq(f, g) && h + (self.b - self.a) as u64 == *k
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One prepared chunk.
@@ -592,7 +605,7 @@ fn write_jobs(
         let len = CHUNK.min(total - job.start);
         src.pace.wait(len, len);
         write_job(target, opts, &job).map_err(writing(job.start))?;
-        done += CHUNK.min(total - job.start);
+        done += len;
         let mut st = window.state.lock().unwrap();
         st.written = want + 1;
         match job.bytes {
@@ -624,10 +637,10 @@ fn prepare_chunk<'a>(
     let start = c * CHUNK;
     let len = CHUNK.min(src.total - start);
     let n = len as usize;
-    let mut salvaged = Vec::new();
     if opts.copy_range {
         return prepare_copy(src, start, n, buf);
     }
+    let mut salvaged = Vec::new();
     let bytes = if !src.may_have_data(start, len)? {
         if opts.sparse_size == 0 {
             // -S 0 writes what reads as zeros too, from a buffer.
@@ -686,7 +699,7 @@ fn prepare_copy<'a>(
     n: usize,
     buf: &mut Option<crate::buf::AlignedBuf>,
 ) -> Result<Job<'a>> {
-    let mut pieces: Vec<Piece2> = Vec::new();
+    let mut pieces: Vec<CopyPiece> = Vec::new();
     let mut pos = 0usize;
     while pos < n {
         let (i, off) = src.locate(start + pos as u64);
@@ -695,46 +708,29 @@ fn prepare_copy<'a>(
         let e = chain_status(img, off, want)?;
         let len = (e.len.min(want) as usize).max(1);
         let from = if !e.data {
-            From::Zero
+            Origin::Zero
         } else {
             match (e.compressed, e.offset, layer_file(img, e.depth)) {
-                (false, Some(h), Some(f)) if f.raw_fd().is_some() => From::File(f, h),
-                _ => From::Buffer,
+                (false, Some(h), Some(f)) if f.raw_fd().is_some() => Origin::File(f, h),
+                _ => Origin::Buffer,
             }
         };
-        let merged = match (pieces.last_mut(), &from) {
-            (Some(p), From::Zero) if matches!(p.from, From::Zero) => {
-                p.b += len;
-                true
-            }
-            (Some(p), From::Buffer) if matches!(p.from, From::Buffer) => {
-                p.b += len;
-                true
-            }
-            (Some(p), From::File(f, h)) => match &p.from {
-                From::File(pf, ph) if Arc::ptr_eq(pf, f) && ph + (p.b - p.a) as u64 == *h => {
-                    p.b += len;
-                    true
-                }
-                _ => false,
-            },
-            _ => false,
-        };
-        if !merged {
-            pieces.push(Piece2 {
+        match pieces.last_mut() {
+            Some(p) if p.continued_by(&from) => p.b += len,
+            _ => pieces.push(CopyPiece {
                 a: pos,
                 b: pos + len,
                 from,
-            });
+            }),
         }
         pos += len;
     }
-    let bytes = if pieces.iter().any(|p| matches!(p.from, From::Buffer)) {
+    let bytes = if pieces.iter().any(|p| matches!(p.from, Origin::Buffer)) {
         let mut b = buf
             .take()
             .unwrap_or_else(|| crate::buf::AlignedBuf::new(CHUNK as usize));
         let mut none = Vec::new();
-        for p in pieces.iter().filter(|p| matches!(p.from, From::Buffer)) {
+        for p in pieces.iter().filter(|p| matches!(p.from, Origin::Buffer)) {
             src.read(&mut b[p.a..p.b], start + p.a as u64, false, &mut none)?;
         }
         Bytes::Owned(b, n)
@@ -756,18 +752,12 @@ fn layer_file(img: &dyn Image, depth: u32) -> Option<Arc<dyn crate::storage::Sto
     for _ in 0..depth {
         layer = layer.backing()?.as_ref();
     }
-    let any = layer.as_any();
-    if let Some(r) = any.downcast_ref::<crate::raw::Raw>() {
-        Some(r.file().clone())
-    } else {
-        any.downcast_ref::<crate::qcow2::Qcow2>()
-            .map(|q| q.data_file().unwrap_or(q.file()).clone())
-    }
+    crate::mapped::data_file(layer).cloned()
 }
 
 /// Stores the pieces `[x, y)` of a `convert -C` chunk at `host` (for `x`) in `dst`.
 fn store_pieces(
-    pieces: &[Piece2],
+    pieces: &[CopyPiece],
     data: &[u8],
     x: usize,
     y: usize,
@@ -781,9 +771,10 @@ fn store_pieces(
         }
         let at = host + (a - x) as u64;
         match &p.from {
-            From::Zero => crate::storage::write_zeros(dst, at, (b - a) as u64)?,
-            From::Buffer => dst.write_at(&data[a..b], at)?,
-            From::File(f, h) => crate::storage::copy_range(
+            // Only non-zero pieces are placed, so none falls in `[x, y)`.
+            Origin::Zero => {}
+            Origin::Buffer => dst.write_at(&data[a..b], at)?,
+            Origin::File(f, h) => crate::storage::copy_range(
                 f.as_ref(),
                 h + (a - p.a) as u64,
                 dst,
@@ -822,7 +813,7 @@ fn write_job(target: &Target, opts: &ConvertOptions, job: &Job) -> Result<()> {
         (Plan::Copy(pieces), Target::Qcow2(w)) => {
             let ranges: Vec<(usize, usize)> = pieces
                 .iter()
-                .filter(|p| !matches!(p.from, From::Zero))
+                .filter(|p| !matches!(p.from, Origin::Zero))
                 .map(|p| (p.a, p.b))
                 .collect();
             let placed = w.place(job.start, &w.plan_ranges(&ranges))?;
@@ -837,17 +828,17 @@ fn write_job(target: &Target, opts: &ConvertOptions, job: &Job) -> Result<()> {
                 let at = job.start + p.a as u64;
                 let len = (p.b - p.a) as u64;
                 match (&p.from, raw) {
-                    (From::Zero, _) if opts.target_is_zero => {}
-                    (From::Zero, _) => img.write_zeroes(at, len, true)?,
-                    (From::File(f, h), Some(r)) => {
+                    (Origin::Zero, _) if opts.target_is_zero => {}
+                    (Origin::Zero, _) => img.write_zeroes(at, len, true)?,
+                    (Origin::File(f, h), Some(r)) => {
                         crate::storage::copy_range(f.as_ref(), *h, r.file().as_ref(), at, len)?
                     }
-                    (From::File(f, h), None) => {
+                    (Origin::File(f, h), None) => {
                         let mut tmp = vec![0u8; p.b - p.a];
                         f.read_at(&mut tmp, *h)?;
                         img.write_at(&tmp, at)?;
                     }
-                    (From::Buffer, _) => img.write_at(&data[p.a..p.b], at)?,
+                    (Origin::Buffer, _) => img.write_at(&data[p.a..p.b], at)?,
                 }
             }
             Ok(())

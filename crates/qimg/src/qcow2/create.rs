@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::ondisk::header::{self, CompressionType, Header};
 use crate::ondisk::l2::COPIED;
 use crate::ondisk::{put64, refcount, MAX_HOST_OFFSET};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{write_zeros, FileStorage, Storage};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -914,18 +914,6 @@ fn fallocate(file: &FileStorage, offset: u64, len: u64) -> Result<()> {
             "Could not preallocate data",
             std::io::Error::from_raw_os_error(r),
         ));
-    }
-    Ok(())
-}
-
-/// Writes zeros over `[offset, offset + len)`, one MiB at a time.
-fn write_zeros(file: &dyn Storage, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_at(&zeros[..n], offset + done)?;
-        done += n as u64;
     }
     Ok(())
 }

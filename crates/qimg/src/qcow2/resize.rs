@@ -24,6 +24,7 @@ use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::ondisk::l2::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::storage::write_zeros;
 
 /// Preallocation of the area a resize adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,16 +238,4 @@ impl Qcow2 {
         self.place_active_l1(&mut txn, &l1, &mut h)?;
         self.commit(txn, h, l1, None)
     }
-}
-
-/// Writes `len` zero bytes at `offset`, 1 MiB at a time.
-fn write_zeros(storage: &dyn crate::storage::Storage, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        storage.write_at(&zeros[..n as usize], offset + done)?;
-        done += n;
-    }
-    Ok(())
 }

@@ -233,10 +233,7 @@ impl Qcow2Writer {
                 hosts.push(host);
             }
         }
-        let target: &dyn Storage = match &self.data_file {
-            Some(d) => d.as_ref(),
-            None => self.file.as_ref(),
-        };
+        let target = self.data_storage().as_ref();
         // One write per physically contiguous run.
         let mut i = 0usize;
         while i < hosts.len() {
@@ -403,10 +400,7 @@ impl Qcow2Writer {
     /// The last step: writes the data of a placed plan. Runs concurrently with other
     /// chunks' steps; the metadata pointing at these clusters is only written by `finish`.
     pub fn write_placed(&self, data: &[u8], placed: &Placement) -> Result<()> {
-        let target: &dyn Storage = match &self.data_file {
-            Some(d) => d.as_ref(),
-            None => self.file.as_ref(),
-        };
+        let target = self.data_storage().as_ref();
         for &(a, b, h) in &placed.writes {
             // Reserving the run in one call is cheaper for the filesystem than the block
             // by block reservation of a buffered write into a hole (about a third of the
